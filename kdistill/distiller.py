@@ -1,0 +1,299 @@
+"""The distiller: student + teacher + taps + adapters + named loss terms.
+
+    distiller = Distiller(student, teacher, terms=[Term("ce", "ce", 0.1), Term("kd", "kd", 0.9, params=...)])
+    distiller.build(first_batch)          # dry-run forward: taps resolved, adapters built, wiring checked
+    out = distiller(batch)                # out.terms = {"ce": weighted loss, "kd": weighted loss}; out.loss
+
+Batches are dicts: ``x`` (input tensor, or a dict of tensors passed as keyword arguments, as for Hugging Face
+models), optional ``y`` (labels, -100 = unlabeled), ``index`` (sample ids), and optionally ``teacher_x`` /
+``student_x`` when teacher and student read different views of the same sample.
+
+The trainable part (student, adapters, stateful losses) is the `StudentSide` module: that is what the engine
+wraps for DDP and what checkpoints hold. The teacher is not a submodule of it: it is frozen, in eval mode, runs
+under `torch.inference_mode()` and is never wrapped in DDP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+from torch import nn
+
+from kdistill.adapters import build_adapter
+from kdistill.errors import WiringError
+from kdistill.taps import Taps
+
+LOGITS = "logits"
+
+
+def known_losses() -> set[str]:
+    from kdistill import losses
+
+    return set(losses.LOSSES) | set(losses.MODULE_LOSSES)
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits of a model output: a tensor, `.logits` of a Hugging Face output, or the first tuple item."""
+    if torch.is_tensor(output):
+        return output
+    if hasattr(output, "logits") and output.logits is not None:
+        return output.logits
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    if isinstance(output, (tuple, list)) and output and torch.is_tensor(output[0]):
+        return output[0]
+    raise WiringError(f"cannot find logits in a model output of type {type(output).__name__}",
+                      fix="return a tensor, a tuple whose first item is the logits, or an object with .logits")
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(inputs)
+
+
+@dataclass
+class Term:
+    """One named term of the objective: weight * loss(student[student_tap], teacher[teacher_tap], **params)."""
+
+    name: str
+    loss: str
+    weight: float = 1.0
+    student: str = LOGITS
+    teacher: str = LOGITS
+    params: dict = field(default_factory=dict)
+    warmup_steps: int = 0
+
+    def weight_at(self, step: int) -> float:
+        if self.warmup_steps and step < self.warmup_steps:
+            return self.weight * (step + 1) / self.warmup_steps
+        return self.weight
+
+
+def terms_from_config(term_cfgs) -> list[Term]:
+    terms, seen = [], set()
+    for i, t in enumerate(term_cfgs):
+        name = t.name or t.loss
+        if name in seen:
+            raise WiringError(f"two loss terms are named '{name}'", where=f"distill.terms[{i}]",
+                              fix="give each term a distinct 'name'")
+        seen.add(name)
+        terms.append(Term(name, t.loss, t.weight, t.student, t.teacher, dict(t.params), t.warmup_steps))
+    return terms
+
+
+class LiveTeacher:
+    """A frozen teacher model run live: eval mode, no grad, inference mode, optional taps."""
+
+    def __init__(self, model: nn.Module, taps: Optional[Mapping[str, str]] = None):
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.taps = Taps(self.model, taps or {}) if taps else None
+
+    def to(self, device) -> "LiveTeacher":
+        self.model.to(device)
+        return self
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        inputs = batch.get("teacher_x", batch["x"])
+        if self.model.training:
+            self.model.eval()
+        with torch.inference_mode():
+            if self.taps is not None:
+                with self.taps:
+                    out = call_model(self.model, inputs)
+                    values = self.taps.pop()
+            else:
+                out = call_model(self.model, inputs)
+                values = {}
+            values[LOGITS] = logits_of(out)
+        # inference tensors cannot be saved for backward: clone into normal tensors (cheap: outputs only)
+        return {k: v.clone() if torch.is_tensor(v) else v for k, v in values.items()}
+
+
+def _call_loss(fn: Callable, term: Term, s: Any, t: Any, labels: Optional[torch.Tensor]) -> torch.Tensor:
+    from kdistill.losses import NEEDS_LABELS
+
+    if term.loss == "ce":
+        return fn(s, labels, **term.params)
+    if term.loss in NEEDS_LABELS:
+        return fn(s, t, labels, **term.params)
+    return fn(s, t, **term.params)
+
+
+class StudentSide(nn.Module):
+    """Everything that trains: the student, lazily built adapters and stateful losses (e.g. CRD's queue).
+
+    forward(student_inputs, teacher_values, labels, step) -> (student_output, {term: weighted loss}).
+    """
+
+    def __init__(self, student: nn.Module, terms: list[Term], student_taps: Mapping[str, str]):
+        super().__init__()
+        self.student = student
+        self.adapters = nn.ModuleDict()
+        self.loss_modules = nn.ModuleDict()
+        self.terms = terms
+        self.student_tap_specs = dict(student_taps)
+        self._taps = Taps(student, self.student_tap_specs) if self.student_tap_specs else None
+        self.step = 0
+
+    def run_student(self, inputs: Any) -> tuple[Any, dict[str, Any]]:
+        if self._taps is None:
+            out = call_model(self.student, inputs)
+            values = {}
+        else:
+            with self._taps:
+                out = call_model(self.student, inputs)
+                values = self._taps.pop()
+        return out, values
+
+    def forward(self, inputs: Any, teacher_values: Mapping[str, Any], labels: Optional[torch.Tensor]):
+        from kdistill import losses
+
+        out, values = self.run_student(inputs)
+        values[LOGITS] = logits_of(out)
+        terms = {}
+        for term in self.terms:
+            s = values[term.student]
+            if term.name in self.adapters:
+                s = self.adapters[term.name](s)
+            t = teacher_values.get(term.teacher) if term.loss != "ce" else None
+            if term.loss in losses.MODULE_LOSSES:
+                value = self.loss_modules[term.name](s.flatten(1), t.flatten(1))
+            else:
+                value = _call_loss(losses.LOSSES[term.loss], term, s, t, labels)
+            terms[term.name] = value * term.weight_at(self.step)
+        return out, terms
+
+
+@dataclass
+class DistillOutput:
+    output: Any
+    terms: dict[str, torch.Tensor]
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return sum(self.terms.values())
+
+
+class Distiller:
+    """Student + teacher(s) + named terms. See the module docstring."""
+
+    def __init__(self, student: nn.Module, teacher: Optional[Callable[[Mapping], dict]] = None,
+                 terms: Optional[list[Term]] = None, *, student_taps: Optional[Mapping[str, str]] = None,
+                 teacher_taps: Optional[Mapping[str, str]] = None, adapters: bool = True):
+        if terms is None:
+            terms = [Term("ce", "ce", 1.0)] if teacher is None else [Term("kd", "kd", 1.0)]
+        if not terms:
+            raise WiringError("the objective has no loss terms", where="distill.terms", fix="add at least one term")
+        if isinstance(teacher, nn.Module):
+            teacher = LiveTeacher(teacher, teacher_taps)
+        self.teacher = teacher
+        needs_teacher = [t.name for t in terms if t.loss != "ce"]
+        if needs_teacher and teacher is None:
+            raise WiringError(f"terms {needs_teacher} need a teacher but none is given",
+                              fix="configure a teacher or use only 'ce'")
+        taps = dict(student_taps or {})
+        self._check_tap_names(terms, taps, teacher_taps or {})
+        self.side = StudentSide(student, terms, taps)
+        self.module: nn.Module = self.side  # the engine replaces this with the DDP-wrapped side
+        self.allow_adapters = adapters
+        self.built = False
+
+    @staticmethod
+    def _check_tap_names(terms, student_taps, teacher_taps):
+        for term in terms:
+            if term.student != LOGITS and term.student not in student_taps:
+                raise WiringError(f"term '{term.name}' uses student tap '{term.student}' which is not defined",
+                                  where="distill.terms", fix=f"define it under distill.taps; defined: "
+                                                             f"{sorted(student_taps) or 'none'}")
+            if term.loss != "ce" and term.teacher != LOGITS and term.teacher not in teacher_taps:
+                raise WiringError(f"term '{term.name}' uses teacher tap '{term.teacher}' which is not defined",
+                                  where="distill.terms", fix=f"define it under distill.taps; defined: "
+                                                             f"{sorted(teacher_taps) or 'none'}")
+
+    @property
+    def student(self) -> nn.Module:
+        return self.side.student
+
+    @property
+    def terms(self) -> list[Term]:
+        return self.side.terms
+
+    def teacher_values(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        return self.teacher(batch) if self.teacher is not None else {}
+
+    def set_step(self, step: int) -> None:
+        self.side.step = step
+
+    @torch.no_grad()
+    def build(self, batch: Mapping[str, Any]) -> None:
+        """Dry-run one batch: resolve taps, check shapes, build adapters and stateful losses."""
+        from kdistill import losses
+
+        tv = self.teacher_values(batch)
+        was_training = self.side.training
+        self.side.eval()
+        try:
+            out, values = self.side.run_student(batch.get("student_x", batch["x"]))
+        finally:
+            self.side.train(was_training)
+        values[LOGITS] = logits_of(out)
+        labels = batch.get("y")
+        for term in self.terms:
+            s = values[term.student]
+            if term.loss == "ce":
+                self._check_labels(term, s, labels)
+                continue
+            t = tv.get(term.teacher)
+            if t is None:
+                raise WiringError(f"teacher gave no '{term.teacher}' output", where=f"term '{term.name}'")
+            if not (torch.is_tensor(s) and torch.is_tensor(t)):
+                raise WiringError(f"term '{term.name}': taps must give tensors, got {type(s).__name__} and "
+                                  f"{type(t).__name__}", fix="add a selector, e.g. 'layer:0'")
+            if s.dtype.is_floating_point and t.dtype.is_floating_point is False:
+                raise WiringError(f"term '{term.name}': teacher output has dtype {t.dtype}")
+            if term.loss in losses.MODULE_LOSSES:
+                if term.name not in self.side.loss_modules:
+                    cls = losses.MODULE_LOSSES[term.loss]
+                    mod = cls(int(s[0].numel()), int(t[0].numel()), **term.params)
+                    self.side.loss_modules[term.name] = mod.to(s.device)
+                continue
+            if term.loss in ("kd", "kl", "jsd", "skew_kl", "tvd", "dkd", "dist") and s.shape != t.shape:
+                raise WiringError(f"term '{term.name}': student output {tuple(s.shape)} and teacher output "
+                                  f"{tuple(t.shape)} differ (class counts must match)",
+                                  fix="give the student as many outputs as the teacher has classes")
+            if term.loss == "dkd":
+                self._check_labels(term, s, labels)
+            if term.loss == "hint" and s.shape != t.shape:
+                if not self.allow_adapters:
+                    raise WiringError(f"term '{term.name}': student {tuple(s.shape)} vs teacher {tuple(t.shape)}",
+                                      fix="enable adapters or tap layers of equal shape")
+                if term.name not in self.side.adapters:
+                    adapter = build_adapter(s.shape, t.shape, where=f"term '{term.name}'").to(s.device)
+                    self.side.adapters[term.name] = adapter
+        self.built = True
+
+    @staticmethod
+    def _check_labels(term: Term, logits: torch.Tensor, labels: Optional[torch.Tensor]) -> None:
+        if labels is None:
+            raise WiringError(f"term '{term.name}' ({term.loss}) needs labels 'y' but the batch has none",
+                              fix="use labelled data or drop the term")
+        valid = labels[labels != -100]
+        n = logits.shape[-1]
+        if len(valid) and (int(valid.min()) < 0 or int(valid.max()) >= n):
+            raise WiringError(f"labels outside 0..{n - 1} for a student with {n} outputs "
+                              f"(min {int(valid.min())}, max {int(valid.max())})", where=f"term '{term.name}'",
+                              fix="check num_classes of the student and the labels")
+
+    def __call__(self, batch: Mapping[str, Any]) -> DistillOutput:
+        tv = self.teacher_values(batch)
+        out, terms = self.module(batch.get("student_x", batch["x"]), tv, batch.get("y"))
+        return DistillOutput(out, terms)
+
+    def export_student(self) -> nn.Module:
+        """The plain student: no hooks, no adapters."""
+        return self.side.student

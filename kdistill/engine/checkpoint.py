@@ -1,0 +1,232 @@
+"""Checkpoints: atomic, checksummed, safe to load.
+
+Layout of one checkpoint ``<dir>/step-00001234/``:
+- ``model.safetensors``  trainable weights (student, adapters, stateful losses);
+- ``state.pt``           optimizer, scheduler, grad-scaler, data position: tensors and plain containers only,
+                         so it loads with ``torch.load(weights_only=True)``;
+- ``rng-rank{r}.pt``     each process's RNG states (torch, CUDA, numpy, python) as tensors and lists;
+- ``meta.json``          step and SHA-256 of every file, written last.
+Writes go to ``step-XXXXXXXX.tmp`` (files fsynced), then one rename: a crash never leaves a half checkpoint
+under a final name. Loading verifies checksums and falls back to the previous good checkpoint with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from kdistill.errors import CheckpointError
+
+PREFIX = "step-"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file atomically: temp file in the same folder, fsync, rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write {path}: {err.strerror}", fix="check free space and permissions") \
+            from None
+    _fsync_dir(path.parent)
+
+
+def save_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
+    """Save tensors as safetensors, atomically (shared storage is cloned: safetensors refuses aliases)."""
+    path = Path(path)
+    tensors = {k: v.detach().contiguous().cpu().clone() for k, v in state_dict.items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write {path}: {err.strerror}", fix="check free space and permissions") \
+            from None
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"cannot read weights {path}: {err}", fix="the file is damaged; re-create it") \
+            from None
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_meta": [int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python_version": int(py_state[0]),
+        "python_state": torch.tensor(py_state[1], dtype=torch.int64),
+        "python_gauss": [] if py_state[2] is None else [float(py_state[2])],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    meta = state["numpy_meta"]
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), meta[0], meta[1], meta[2]))
+    gauss = state["python_gauss"][0] if state["python_gauss"] else None
+    random.setstate((state["python_version"], tuple(int(v) for v in state["python_state"].tolist()), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _torch_save_bytes(obj: Any, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with open(path, "wb") as fh:
+        fh.write(buf.getvalue())
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
+                  and not p.name.endswith(".tmp"))
+
+
+class CheckpointWriter:
+    """Writes checkpoints of one training stage. In multi-process runs every rank calls `write`; rank 0 owns
+    the folder, each rank writes its own RNG file."""
+
+    def __init__(self, folder: Path, keep: int = 2, rank: int = 0, barrier=lambda: None):
+        self.folder = Path(folder)
+        self.keep = keep
+        self.rank = rank
+        self.barrier = barrier
+
+    def write(self, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
+        final = self.folder / f"{PREFIX}{step:08d}"
+        tmp = self.folder / f"{PREFIX}{step:08d}.tmp"
+        try:
+            if self.rank == 0:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir()
+            self.barrier()
+            _torch_save_bytes(rng_state(), tmp / f"rng-rank{self.rank}.pt")
+            self.barrier()
+            if self.rank == 0:
+                save_weights(tmp / "model.safetensors", weights)
+                _torch_save_bytes(state, tmp / "state.pt")
+                files = sorted(p.name for p in tmp.iterdir())
+                meta = {"step": step, "files": {name: sha256(tmp / name) for name in files}}
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+                _fsync_file(tmp / "meta.json")
+                _fsync_dir(tmp)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                _fsync_dir(self.folder)
+                self._prune()
+        except OSError as err:
+            if self.rank == 0 and tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"cannot write checkpoint {final}: {err.strerror or err}",
+                                  fix="free disk space or make the run directory writable; "
+                                      "earlier checkpoints are intact") from None
+        self.barrier()
+        return final
+
+    def _prune(self) -> None:
+        for old in list_checkpoints(self.folder)[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def verify(ckpt: Path) -> Optional[str]:
+    """None if the checkpoint is complete and its checksums match, else the reason it is not."""
+    meta_path = ckpt / "meta.json"
+    if not meta_path.is_file():
+        return "meta.json missing"
+    try:
+        meta = json.loads(meta_path.read_text())
+        files = meta["files"]
+    except (ValueError, KeyError, TypeError):
+        return "meta.json unreadable"
+    for name, digest in files.items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} missing"
+        if sha256(path) != digest:
+            return f"{name} checksum mismatch (damaged or truncated)"
+    return None
+
+
+def load_latest(folder: Path, rank: int = 0, log=None) -> Optional[dict[str, Any]]:
+    """The newest checkpoint whose checksums verify: {"step", "weights", "state", "rng", "path"} or None."""
+    for ckpt in reversed(list_checkpoints(folder)):
+        problem = verify(ckpt)
+        if problem is None:
+            try:
+                weights = load_file(str(ckpt / "model.safetensors"))
+                state = torch.load(ckpt / "state.pt", weights_only=True, map_location="cpu")
+                rng_path = ckpt / f"rng-rank{rank}.pt"
+                rng = torch.load(rng_path, weights_only=True) if rng_path.is_file() else None
+            except Exception as err:  # a failure here is damage the checksum did not catch
+                problem = f"unreadable ({type(err).__name__})"
+            else:
+                meta = json.loads((ckpt / "meta.json").read_text())
+                return {"step": int(meta["step"]), "weights": weights, "state": state, "rng": rng, "path": ckpt}
+        msg = f"checkpoint {ckpt} is not usable ({problem}); falling back to the previous one"
+        warnings.warn(msg, stacklevel=2)
+        if log is not None:
+            log(f"warning: {msg}")
+    return None

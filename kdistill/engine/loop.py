@@ -1,0 +1,416 @@
+"""The training engine on Hugging Face Accelerate.
+
+One step: a batch (fancy-indexed from memory, or from a DataLoader), the teacher's forward (or its cache) under
+inference mode, one forward of the (DDP-wrapped) student side, a dict of named loss terms, one backward per
+micro-batch, clipping, optimizer and LR-schedule step. The host syncs only every `log_every` steps (metrics and
+the non-finite guard), at checkpoints and at the end; `nonfinite: skip` needs one sync per step to decide.
+
+The engine runs unchanged in one process or under `accelerate launch` / `torchrun` (DDP): only the student
+side is wrapped; the frozen teacher is never wrapped. It checkpoints atomically (see `checkpoint.py`), resumes
+mid-epoch from the newest good checkpoint of its stage, and on SIGINT/SIGTERM writes a checkpoint and stops.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from kdistill.config import TrainConfig
+from kdistill.engine.checkpoint import CheckpointWriter, load_latest, set_rng_state
+from kdistill.engine.sampler import StepSampler
+from kdistill.errors import KDError, NonFiniteError
+from kdistill.progress import Progress
+
+
+class Interrupted(KDError):
+    """Training was stopped by a signal after writing a checkpoint."""
+
+
+_ACCELERATOR = None
+
+
+def get_accelerator(mixed_precision: str = "no"):
+    """One Accelerator per process (Accelerate keeps process-wide state); recreated if precision changes."""
+    global _ACCELERATOR
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    if _ACCELERATOR is not None and _ACCELERATOR.mixed_precision == mixed_precision:
+        return _ACCELERATOR
+    if _ACCELERATOR is not None:
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
+    _ACCELERATOR = Accelerator(mixed_precision=mixed_precision)
+    return _ACCELERATOR
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """The LR multiplier at each step: linear warm-up, then constant / cosine / linear decay / one-cycle."""
+    total = cfg.steps
+    warm = cfg.warmup_steps
+    if cfg.schedule == "onecycle" and not warm:
+        warm = max(1, int(0.3 * total))
+
+    def fn(step: int) -> float:
+        if warm and step < warm:
+            start = 1 / 25 if cfg.schedule == "onecycle" else 0.0
+            return start + (1 - start) * (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, total - warm)
+        progress = min(1.0, max(0.0, progress))
+        if cfg.schedule == "linear":
+            return 1.0 - progress
+        floor = 1e-4 if cfg.schedule == "onecycle" else 0.0
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.momentum > 0)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@contextmanager
+def deterministic_mode(enabled: bool):
+    if not enabled:
+        yield
+        return
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_bench = torch.backends.cudnn.benchmark
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev)
+        torch.backends.cudnn.benchmark = prev_bench
+
+
+@contextmanager
+def stop_on_signals(flag: dict):
+    """SIGINT/SIGTERM set flag['signal'] (the loop checkpoints and stops at the step boundary)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+
+    def handler(signum, frame):
+        flag["signal"] = signal.Signals(signum).name
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+def to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, non_blocking) for k, v in batch.items()}
+    return batch
+
+
+class MetricsLog:
+    """Appends one JSON object per line to metrics.jsonl (rank 0 only)."""
+
+    def __init__(self, path: Optional[Path], enabled: bool = True):
+        self.path = Path(path) if path else None
+        self.enabled = enabled and self.path is not None
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def drop_after(self, stage: str, step: int) -> None:
+        """On resume: forget records of `stage` past the checkpoint's step (they will be logged again)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a torn last line from a kill
+            if rec.get("stage") == stage and rec.get("step", 0) > step:
+                continue
+            keep.append(json.dumps(rec))
+        self.path.write_text("".join(k + "\n" for k in keep))
+
+
+class Engine:
+    """Trains the student side of a `Distiller` under a `TrainConfig`.
+
+    Args:
+        cfg: the training settings.
+        run_dir: where checkpoints (``checkpoints/<stage>/``) and ``metrics.jsonl`` go; None = keep nothing.
+        stage: the name of this training stage (``teacher``, ``baseline``, ``student``, ``gen2``...).
+        seed: the data-order and RNG seed of this stage.
+        progress: show a progress bar / lines.
+    """
+
+    def __init__(self, cfg: TrainConfig, run_dir: Optional[os.PathLike] = None, *, stage: str = "student",
+                 seed: int = 0, progress: bool = True, log: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.stage = stage
+        self.seed = seed
+        self.progress = progress
+        self.log = log
+        self.accelerator = get_accelerator(cfg.mixed_precision)
+
+    # -- data -------------------------------------------------------------------------------------------------
+    def _batches(self, data, sampler: StepSampler, start: int, collate_fn):
+        """Yield (step, micro-batches) from `start` to the end."""
+        cfg = self.cfg
+        micro = cfg.batch_size // cfg.grad_accum
+        device = self.accelerator.device
+        pin = cfg.pin_memory and device.type == "cuda"
+        if hasattr(data, "batch"):
+            for step in range(start, cfg.steps):
+                idx = sampler.indices(step)
+                batch = data.batch(idx)
+                if pin:
+                    batch = {k: v.pin_memory() for k, v in batch.items()}
+                yield step, [to_device({k: v[i * micro:(i + 1) * micro] for k, v in batch.items()}, device, pin)
+                             for i in range(cfg.grad_accum)]
+            return
+        loader = torch.utils.data.DataLoader(
+            data, batch_sampler=_MicroBatchPlan(sampler, start, cfg.steps, cfg.grad_accum),
+            num_workers=cfg.num_workers, pin_memory=pin, collate_fn=collate_fn,
+            persistent_workers=cfg.num_workers > 0)
+        it = iter(loader)
+        for step in range(start, cfg.steps):
+            yield step, [to_device(next(it), device, pin) for _ in range(cfg.grad_accum)]
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+    def fit(self, distiller, data, *, eval_fn: Optional[Callable[[nn.Module], dict]] = None,
+            collate_fn: Optional[Callable] = None) -> dict:
+        """Train; returns {"steps", "resumed_from", "terms" (last logged means), "evals", "seconds"}."""
+        with torch.random.fork_rng(devices=[]), deterministic_mode(self.cfg.deterministic):
+            return self._fit(distiller, data, eval_fn, collate_fn)
+
+    def _fit(self, distiller, data, eval_fn, collate_fn) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        rank, world = acc.process_index, acc.num_processes
+        device = acc.device
+        ckpt_dir = self.run_dir / "checkpoints" / self.stage if self.run_dir else None
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.run_dir else None, acc.is_main_process)
+
+        torch.manual_seed(self.seed * 7919 + rank)
+        sampler = StepSampler(len(data), cfg.batch_size, seed=self.seed, rank=rank, world_size=world,
+                              name=getattr(data, "name", "data"))
+
+        side = distiller.side.to(device)
+        if cfg.channels_last:
+            side.to(memory_format=torch.channels_last)
+        if distiller.teacher is not None and hasattr(distiller.teacher, "to"):
+            distiller.teacher.to(device)
+        # dry run on the first batch: taps, adapters, shapes (every rank builds the same modules)
+        first = next(self._batches(data, sampler, 0, collate_fn))[1][0]
+        distiller.build(first)
+        if cfg.compile:
+            side.student.compile()
+
+        optimizer = build_optimizer(cfg, side.parameters())
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        model, optimizer = acc.prepare(side, optimizer)
+        distiller.module = model
+        start, resumed_from = 0, None
+        if ckpt_dir is not None:
+            ck = load_latest(ckpt_dir, rank=rank, log=self.log)
+            if ck is not None:
+                missing, unexpected = side.load_state_dict(ck["weights"], strict=False)
+                if unexpected or missing:
+                    raise KDError(f"checkpoint {ck['path']} does not match the model "
+                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})",
+                                  fix="use a new run directory for a different model")
+                optimizer.load_state_dict(ck["state"]["optimizer"])
+                scheduler.load_state_dict(ck["state"]["scheduler"])
+                if acc.scaler is not None and ck["state"].get("scaler"):
+                    acc.scaler.load_state_dict(ck["state"]["scaler"])
+                if ck["rng"] is not None:
+                    set_rng_state(ck["rng"])
+                start = resumed_from = ck["step"]
+                metrics.drop_after(self.stage, start)
+                if acc.is_main_process:
+                    self.log(f"[{self.stage}] resumed from {ck['path']} (step {start})")
+        writer = CheckpointWriter(ckpt_dir, cfg.keep_checkpoints, rank, acc.wait_for_everyone) \
+            if ckpt_dir is not None else None
+
+        guard = _NonFiniteGuard(self.stage)
+
+        def checkpoint(step: int) -> None:
+            guard.check(acc, world)  # never checkpoint weights updated from a non-finite loss
+            if writer is None:
+                return
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": acc.scaler.state_dict() if acc.scaler is not None else {},
+                     "step": step, "position": sampler.position(step), "world_size": world}
+            writer.write(step, acc.unwrap_model(model).state_dict(), state)
+
+        evals: list[dict] = []
+
+        def evaluate(step: int) -> None:
+            if eval_fn is None:
+                return
+            if acc.is_main_process:
+                student = acc.unwrap_model(model).student
+                was = student.training
+                student.eval()
+                with torch.no_grad():
+                    result = eval_fn(student)
+                student.train(was)
+                record = {"stage": self.stage, "step": step, "eval": result}
+                evals.append(record)
+                metrics.write(record)
+            acc.wait_for_everyone()
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        last_terms: dict[str, float] = {}
+        flag: dict[str, str] = {}
+        t0 = time.perf_counter()
+        model.train()
+        step = start
+        with stop_on_signals(flag), Progress(cfg.steps, f"[{self.stage}] train", self.progress and
+                                              acc.is_main_process, start=start) as bar:
+            for step, micro_batches in self._batches(data, sampler, start, collate_fn):
+                distiller.set_step(step)
+                step_terms: dict[str, torch.Tensor] = {}
+                for i, mb in enumerate(micro_batches):
+                    sync = i == len(micro_batches) - 1
+                    ctx = nullcontext() if sync or world == 1 else acc.no_sync(model)
+                    with ctx, acc.autocast():
+                        out = distiller(mb)
+                        loss = sum(out.terms.values()) / len(micro_batches)
+                    acc.backward(loss)
+                    for k, v in out.terms.items():
+                        v = v.detach() / len(micro_batches)
+                        step_terms[k] = step_terms[k] + v if k in step_terms else v
+                total = sum(step_terms.values())
+                grad_norm = acc.clip_grad_norm_(params, cfg.clip_grad_norm) if cfg.clip_grad_norm else None
+                bad = ~torch.isfinite(total)
+                if grad_norm is not None:
+                    bad = bad | ~torch.isfinite(grad_norm)
+                if cfg.nonfinite == "skip":
+                    # the decision is needed now: one host sync per step
+                    if world > 1:
+                        bad = acc.reduce(bad.float().reshape(1), reduction="sum") > 0
+                    skip = bool(bad)
+                else:
+                    # 'stop': track on the device, sync only at log/checkpoint/end (no per-step host sync)
+                    skip = False
+                    guard.record(bad, step_terms, step)
+                if skip:
+                    names = [k for k, v in step_terms.items() if not torch.isfinite(v)] or ["(gradient)"]
+                    self.log(f"warning: skipped step {step + 1} of stage '{self.stage}': non-finite "
+                             f"{', '.join(names)}")
+                    metrics.write({"stage": self.stage, "step": step + 1, "event": "nonfinite_skip",
+                                   "terms": names})
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                else:
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    for k, v in step_terms.items():
+                        sums[k] = sums[k] + v if k in sums else v
+                    count += 1
+                done = step + 1
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    guard.check(acc, world)
+                    if count:
+                        last_terms = {k: float(v) / count for k, v in sums.items()}
+                    record = {"stage": self.stage, "step": done, "lr": scheduler.get_last_lr()[0],
+                              "loss": sum(last_terms.values()), "terms": last_terms}
+                    metrics.write(record)
+                    sums, count = {}, 0
+                    bar.update(0, " ".join(f"{k}={v:.4f}" for k, v in last_terms.items()))
+                bar.update(1)
+                if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+                    evaluate(done)
+                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.steps:
+                    checkpoint(done)
+                if flag.get("signal"):
+                    checkpoint(done)
+                    raise Interrupted(f"stopped by {flag['signal']} at step {done} of stage '{self.stage}'; "
+                                      f"a checkpoint was written", fix="run the same command again to resume")
+        final_step = cfg.steps
+        if start < cfg.steps or resumed_from is None:
+            checkpoint(final_step)
+        evaluate(final_step)
+        distiller.module = acc.unwrap_model(model)
+        return {"steps": final_step, "resumed_from": resumed_from, "terms": last_terms, "evals": evals,
+                "seconds": time.perf_counter() - t0}
+
+
+class _NonFiniteGuard:
+    """Device-side record of the first non-finite step and the terms involved; `check` syncs and raises."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.first_bad: Optional[torch.Tensor] = None
+        self.bad_terms: dict[str, torch.Tensor] = {}
+
+    def record(self, bad: torch.Tensor, terms: dict[str, torch.Tensor], step: int) -> None:
+        if self.first_bad is None:
+            self.first_bad = torch.full((), -1, dtype=torch.long, device=bad.device)
+        self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step + 1),
+                                     self.first_bad)
+        for k, v in terms.items():
+            nonfin = ~torch.isfinite(v) & (self.first_bad == step + 1)
+            self.bad_terms[k] = self.bad_terms[k] | nonfin if k in self.bad_terms else nonfin
+
+    def check(self, acc, world: int) -> None:
+        if self.first_bad is None:
+            return
+        first = self.first_bad
+        if world > 1:
+            first = acc.reduce(first.reshape(1).float(), reduction="max").long()
+        first = int(first.max())
+        if first >= 0:
+            names = [k for k, v in self.bad_terms.items() if bool(v)] or ["(gradient)"]
+            raise NonFiniteError(f"non-finite loss in term(s) {', '.join(names)} at step {first} of stage "
+                                 f"'{self.stage}'", fix="lower the learning rate, enable clip_grad_norm, check the "
+                                                        "inputs, or set train.nonfinite: skip")
+
+
+class _MicroBatchPlan:
+    """A batch sampler for DataLoader: the micro-batches of steps [start, steps) in the StepSampler's order."""
+
+    def __init__(self, sampler: StepSampler, start: int, steps: int, accum: int):
+        self.sampler, self.start, self.steps, self.accum = sampler, start, steps, accum
+
+    def __iter__(self):
+        micro = self.sampler.batch_size // self.accum
+        for step in range(self.start, self.steps):
+            idx = self.sampler.indices(step).tolist()
+            for i in range(self.accum):
+                yield idx[i * micro:(i + 1) * micro]
+
+    def __len__(self) -> int:
+        return (self.steps - self.start) * self.accum

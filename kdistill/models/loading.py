@@ -1,0 +1,46 @@
+"""Loading user weights safely: safetensors, or `torch.load(weights_only=True)` for .pt/.pth files.
+
+Full unpickling executes arbitrary code from the file; it happens only with ``trust=True`` (the CLI's
+``--trust-checkpoint``), never by default.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Union
+
+import torch
+
+from kdistill.errors import CheckpointError
+
+
+def load_state_dict_file(path: Union[str, Path], *, where: str = "weights", trust: bool = False) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}", where=where, fix="check the path")
+    if path.suffix == ".safetensors":
+        from kdistill.engine.checkpoint import load_weights
+
+        return load_weights(path)
+    if path.suffix not in (".pt", ".pth", ".bin", ".ckpt"):
+        raise CheckpointError(f"unknown weights format '{path.suffix}' for {path}", where=where,
+                              fix="use .safetensors (preferred) or a .pt/.pth state dict")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0][:160]
+        raise CheckpointError(f"{path} holds Python objects beyond tensors ({first})", where=where,
+                              fix="re-save it as a state dict or .safetensors; or, only if you trust its source, "
+                                  "pass --trust-checkpoint (full unpickling can run arbitrary code)") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"cannot read {path}: {str(err).splitlines()[0][:160]}", where=where,
+                              fix="the file is damaged or not a PyTorch file") from None
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise CheckpointError(f"{path} is not a state dict of tensors", where=where,
+                              fix="save model.state_dict() (or use .safetensors)")
+    return obj

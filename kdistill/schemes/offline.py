@@ -1,0 +1,166 @@
+"""Offline distillation from a frozen teacher (Hinton, Vinyals, Dean 2015), as a plan of stages.
+
+Stages, each one `Engine.fit` with its own checkpoints under ``RUN_DIR/checkpoints/<stage>/``:
+1. ``teacher``  (only when no teacher weights are given): the teacher is trained on the labelled data;
+2. ``baseline`` (when ``baseline: true``): the student trained on labels alone, same steps and batch size;
+3. ``student``: the student trained with the configured objective on the labelled data plus the transfer set
+   (whose rows have no labels: CE counts only labelled rows, the teacher's terms count every row).
+A stage whose weights file exists is done and is skipped on a re-run; an interrupted stage resumes from its
+newest good checkpoint. Then every model is evaluated and ``summary.json`` is written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from kdistill.config import RunConfig, TrainConfig, dump_config, load_config, parse_config
+from kdistill.data import DataBundle, check_labels, load_data
+from kdistill.distiller import Distiller, Term, terms_from_config
+from kdistill.engine import Engine
+from kdistill.engine.checkpoint import atomic_write_bytes, load_weights, save_weights
+from kdistill.errors import ConfigError
+from kdistill.evaluate import accuracy, agreement, cost_report, expected_calibration_error, predict_logits
+from kdistill.models import build_model
+from kdistill.models.loading import load_state_dict_file
+
+
+def seeded_build(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
+    """Build a model with a fixed init seed without touching the caller's global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def _model(cfg_model, bundle: DataBundle, seed: int, where: str) -> nn.Module:
+    return seeded_build(seed, lambda: build_model(cfg_model.name, cfg_model.kwargs, input_shape=bundle.input_shape,
+                                                  num_classes=bundle.num_classes, where=where))
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
+    """Create the run directory and write the resolved config; refuse a directory of a different run."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = dump_config(cfg)
+    existing = run_dir / "config.yaml"
+    if existing.is_file():
+        try:
+            old = dump_config(load_config(existing))
+        except ConfigError:
+            old = None
+        if old != resolved:
+            raise ConfigError(f"{run_dir} holds a run with a different config.yaml",
+                              fix="use another --out directory, or delete this one to start over")
+        return
+    atomic_write_bytes(existing, resolved.encode())
+
+
+def evaluate_model(model: nn.Module, bundle: DataBundle, eval_cfg, teacher_logits=None) -> dict:
+    logits = predict_logits(model, bundle.test)
+    labels = bundle.test.tensors["y"]
+    example = bundle.test.tensors["x"][:1]
+    report = {"accuracy": accuracy(logits, labels),
+              "ece": expected_calibration_error(logits, labels, eval_cfg.ece_bins)}
+    if teacher_logits is not None:
+        report["agreement"] = agreement(logits, teacher_logits)
+    report.update(cost_report(model, example, latency_repeats=eval_cfg.latency_repeats,
+                              throughput_batch=eval_cfg.throughput_batch))
+    return report
+
+
+def _accuracy_eval(bundle: DataBundle) -> Callable[[nn.Module], dict]:
+    def fn(model: nn.Module) -> dict:
+        return {"accuracy": accuracy(predict_logits(model, bundle.test), bundle.test.tensors["y"])}
+    return fn
+
+
+def train_stage(name: str, run_dir: Optional[Path], train_cfg: TrainConfig, distiller: Distiller, data, seed: int,
+                bundle: DataBundle, progress: bool = True, log=print) -> nn.Module:
+    """Run one stage (or resume it) and save ``<name>.safetensors``; skip it if that file exists."""
+    weights_path = run_dir / f"{name}.safetensors" if run_dir else None
+    student = distiller.export_student()
+    if weights_path is not None and weights_path.is_file():
+        student.load_state_dict(load_weights(weights_path))
+        log(f"[{name}] done earlier: loaded {weights_path}")
+        return student
+    engine = Engine(train_cfg, run_dir, stage=name, seed=seed, progress=progress, log=log)
+    result = engine.fit(distiller, data, eval_fn=_accuracy_eval(bundle) if train_cfg.eval_every else None)
+    student = distiller.export_student()
+    if weights_path is not None and engine.accelerator.is_main_process:
+        save_weights(weights_path, student.state_dict(), {"stage": name, "steps": result["steps"]})
+    return student
+
+
+def run(cfg: RunConfig, run_dir: Optional[Path], *, progress: bool = True, log=print) -> dict:
+    """The offline KD job of a config: teacher (trained or loaded), baseline, KD student, evaluation."""
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        prepare_run_dir(cfg, run_dir)
+    bundle = load_data(cfg.data)
+    check_labels(bundle.train, bundle.num_classes)
+    check_labels(bundle.test, bundle.num_classes)
+
+    teacher = _model(cfg.teacher, bundle, cfg.seed + 101, "teacher")
+    if cfg.teacher.weights:
+        teacher.load_state_dict(load_state_dict_file(cfg.teacher.weights, where="teacher.weights"))
+    else:
+        teacher_train = cfg.teacher.train or cfg.train
+        teacher = train_stage("teacher", run_dir, teacher_train, Distiller(teacher, None, [Term("ce", "ce")]),
+                              bundle.train, cfg.seed + 1, bundle, progress, log)
+    teacher.eval()
+
+    baseline = None
+    if cfg.baseline:
+        base_model = _model(cfg.student, bundle, cfg.seed + 202, "student")
+        baseline = train_stage("baseline", run_dir, cfg.train, Distiller(base_model, None, [Term("ce", "ce")]),
+                               bundle.train, cfg.seed + 2, bundle, progress, log)
+
+    student = _model(cfg.student, bundle, cfg.seed + 202, "student")
+    distiller = Distiller(student, teacher, terms_from_config(cfg.distill.resolved_terms()),
+                          student_taps=cfg.distill.taps, teacher_taps=cfg.distill.taps)
+    student = train_stage("student", run_dir, cfg.train, distiller, bundle.distill_set(), cfg.seed + 3, bundle,
+                          progress, log)
+    summary = summarize(teacher, student, baseline, bundle, cfg)
+    if run_dir is not None:
+        atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
+    return summary
+
+
+def summarize(teacher: nn.Module, student: nn.Module, baseline: Optional[nn.Module], bundle: DataBundle,
+              cfg: RunConfig) -> dict:
+    teacher_logits = predict_logits(teacher, bundle.test)
+    summary = {"dataset": bundle.name, "teacher": evaluate_model(teacher, bundle, cfg.eval)}
+    summary["student"] = evaluate_model(student, bundle, cfg.eval, teacher_logits)
+    if baseline is not None:
+        summary["baseline"] = evaluate_model(baseline, bundle, cfg.eval, teacher_logits)
+    t, s = summary["teacher"], summary["student"]
+    summary["retention"] = s["accuracy"] / t["accuracy"] if t["accuracy"] else float("nan")
+    summary["compression"] = t["params"] / s["params"]
+    summary["speedup"] = t["latency_ms"] / s["latency_ms"]
+    return summary
+
+
+def evaluate_run_dir(run_dir: Path, *, log=print) -> dict:
+    """Re-evaluate a finished run directory from its config and weights files (``kdistill eval DIR``)."""
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    bundle = load_data(cfg.data)
+    teacher = _model(cfg.teacher, bundle, cfg.seed + 101, "teacher")
+    teacher_path = cfg.teacher.weights or run_dir / "teacher.safetensors"
+    teacher.load_state_dict(load_state_dict_file(teacher_path, where="teacher.weights"))
+    student = _model(cfg.student, bundle, cfg.seed + 202, "student")
+    student.load_state_dict(load_state_dict_file(run_dir / "student.safetensors", where="student.safetensors"))
+    baseline = None
+    if (run_dir / "baseline.safetensors").is_file():
+        baseline = _model(cfg.student, bundle, cfg.seed + 202, "student")
+        baseline.load_state_dict(load_state_dict_file(run_dir / "baseline.safetensors", where="baseline"))
+    summary = summarize(teacher, student, baseline, bundle, cfg)
+    atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
+    return summary
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    return parse_config(data, "config")
