@@ -118,7 +118,7 @@ def grad_error(n_tokens: int, chunk_size: int) -> float:
     loss_c, grads_c = step("chunked", inputs, chunk_size)
     grads_c = [g.clone() for g in grads_c]
     loss_r, grads_r = step("reference", inputs, chunk_size)
-    errs = [abs(loss_c - loss_r)] + [float((a - b).abs().max()) for a, b in zip(grads_c, grads_r)]
+    errs = [abs(loss_c - loss_r)] + [float((a - b).abs().max()) for a, b in zip(grads_c, grads_r, strict=True)]
     return max(errs)
 
 

@@ -72,6 +72,29 @@ class Term:
         return self.weight
 
 
+# Which terms get an adapter. Losses that compare student and teacher element by element need equal shapes:
+# when the taps differ, a projection trained with the student maps the student's tensor to the teacher's shape
+# (FitNets' regressor). Response losses need equal class counts (an error, never an adapter). Attention
+# transfer compares channel-averaged maps (any channel counts; spatial sizes are interpolated), relation losses
+# compare sample-to-sample relations (only the batch size must match) and CRD has its own embedding heads: none of
+# them gets an adapter, since a projection would only add parameters the loss does not need.
+SAME_SHAPE_LOSSES = ("hint",)
+RESPONSE_LOSSES = ("kd", "kl", "jsd", "skew_kl", "tvd", "dkd", "dist")
+
+
+def needs_adapter(loss: str, student_shape: torch.Size, teacher_shape: torch.Size) -> bool:
+    """True when a term of `loss` pairs tensors whose shapes it cannot compare without a projection."""
+    return loss in SAME_SHAPE_LOSSES and tuple(student_shape) != tuple(teacher_shape)
+
+
+def split_taps(terms: list[Term], taps: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(student taps, teacher taps): each side gets the taps its terms read (one name space for both sides, so a
+    config can tap ``features`` on the student and ``layer3`` on the teacher under different names)."""
+    student = {t.student for t in terms if t.student != LOGITS}
+    teacher = {t.teacher for t in terms if t.teacher != LOGITS and t.loss != "ce"}
+    return ({k: v for k, v in taps.items() if k in student}, {k: v for k, v in taps.items() if k in teacher})
+
+
 def terms_from_config(term_cfgs) -> list[Term]:
     terms, seen = [], set()
     for i, t in enumerate(term_cfgs):
@@ -259,23 +282,49 @@ class Distiller:
             if term.loss in losses.MODULE_LOSSES:
                 if term.name not in self.side.loss_modules:
                     cls = losses.MODULE_LOSSES[term.loss]
-                    mod = cls(int(s[0].numel()), int(t[0].numel()), **term.params)
+                    try:
+                        mod = cls(int(s[0].numel()), int(t[0].numel()), **term.params)
+                    except TypeError as err:
+                        if "keyword argument" not in str(err):
+                            raise
+                        raise WiringError(f"term '{term.name}' ({term.loss}): {err}", where="distill.terms",
+                                          fix="check the term's params against docs/methods.md") from None
                     self.side.loss_modules[term.name] = mod.to(s.device)
                 continue
-            if term.loss in ("kd", "kl", "jsd", "skew_kl", "tvd", "dkd", "dist") and s.shape != t.shape:
+            if term.loss in RESPONSE_LOSSES and s.shape != t.shape:
                 raise WiringError(f"term '{term.name}': student output {tuple(s.shape)} and teacher output "
                                   f"{tuple(t.shape)} differ (class counts must match)",
                                   fix="give the student as many outputs as the teacher has classes")
             if term.loss == "dkd":
                 self._check_labels(term, s, labels)
-            if term.loss == "hint" and s.shape != t.shape:
+            if needs_adapter(term.loss, s.shape, t.shape):
                 if not self.allow_adapters:
                     raise WiringError(f"term '{term.name}': student {tuple(s.shape)} vs teacher {tuple(t.shape)}",
                                       fix="enable adapters or tap layers of equal shape")
                 if term.name not in self.side.adapters:
-                    adapter = build_adapter(s.shape, t.shape, where=f"term '{term.name}'").to(s.device)
-                    self.side.adapters[term.name] = adapter
+                    adapter = build_adapter(s.shape, t.shape, where=f"term '{term.name}'")
+                    self.side.adapters[term.name] = adapter.to(device=s.device, dtype=s.dtype)
+            if term.name in self.side.adapters:
+                s = self.side.adapters[term.name](s)
+            self._dry_run_loss(term, s, t, labels)
         self.built = True
+
+    @staticmethod
+    def _dry_run_loss(term: Term, s: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor]) -> None:
+        """Call the loss once on the first batch so a wiring problem stops the run before training, naming the
+        term (stateful losses such as CRD are skipped: calling them would change their state)."""
+        from kdistill import losses
+
+        try:
+            _call_loss(losses.LOSSES[term.loss], term, s, t, labels)
+        except WiringError as err:
+            raise WiringError(f"term '{term.name}' ({term.loss}): {err.what}", where=err.where, fix=err.fix) \
+                from None
+        except TypeError as err:
+            if "keyword argument" not in str(err):
+                raise
+            raise WiringError(f"term '{term.name}' ({term.loss}): {err}", where="distill.terms",
+                              fix="check the term's params against docs/methods.md") from None
 
     @staticmethod
     def _check_labels(term: Term, logits: torch.Tensor, labels: Optional[torch.Tensor]) -> None:

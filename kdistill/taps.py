@@ -2,7 +2,7 @@
 
 A tap spec is ``"module.path"`` or ``"module.path:selector"``; the selector picks from a tuple/list output by
 index (``:0``), from a dict or a Hugging Face ``ModelOutput`` by key (``:last_hidden_state``), and may chain
-(``:hidden_states.3``). The model's code is never changed. ``""`` (empty path) taps the model's own output.
+(``:hidden_states.3``); ``:0`` on a plain tensor output is the tensor itself. The model's code is never changed. ``""`` (empty path) taps the model's own output.
 
     taps = Taps(model, {"feat": "features.2", "attn": "encoder.layer.1.attention.self:1"})
     with taps:                      # hooks registered; removed on exit
@@ -30,6 +30,10 @@ def parse_spec(spec: str) -> tuple[str, list[str]]:
 def select(value: Any, parts: list[str], spec: str = "") -> Any:
     """Apply a selector chain (indices or keys) to a module output."""
     for part in parts:
+        if torch.is_tensor(value) and part == "0":
+            # Hugging Face layers return a tuple in some versions and the bare hidden states in others:
+            # ':0' on a tensor means the tensor itself, so one config works with both.
+            continue
         if isinstance(value, (tuple, list)):
             try:
                 value = value[int(part)]

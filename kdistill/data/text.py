@@ -76,9 +76,7 @@ def wiki_articles(min_chars: int = 1) -> list[tuple[str, str]]:
     return articles
 
 
-def split_by_article(
-    articles: Sequence[Any], heldout_fraction: float, seed: int
-) -> tuple[list[Any], list[Any]]:
+def split_by_article(articles: Sequence[Any], heldout_fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
     """Split whole articles into ``(train, heldout)``, with ``round(fraction * n)`` held out (at least one each).
 
     The split is a seeded shuffle (``random.Random(seed)``, no global RNG touched); each part keeps the input

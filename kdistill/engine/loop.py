@@ -50,7 +50,8 @@ def get_accelerator(mixed_precision: str = "no"):
     if _ACCELERATOR is not None:
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
-    _ACCELERATOR = Accelerator(mixed_precision=mixed_precision)
+    # without a GPU, cpu=True lets `torchrun`/`accelerate launch` runs use DDP over gloo on the CPU
+    _ACCELERATOR = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
     return _ACCELERATOR
 
 
@@ -217,6 +218,12 @@ class Engine:
         rank, world = acc.process_index, acc.num_processes
         device = acc.device
         ckpt_dir = self.run_dir / "checkpoints" / self.stage if self.run_dir else None
+        if self.run_dir is not None and acc.is_main_process:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise KDError(f"cannot create the run directory {self.run_dir}: {err.strerror}",
+                              fix="choose a writable --out directory") from None
         metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.run_dir else None, acc.is_main_process)
 
         torch.manual_seed(self.seed * 7919 + rank)

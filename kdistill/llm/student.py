@@ -57,8 +57,11 @@ def _kept_layers(num_layers: int, every: int | None, layers: Sequence[int] | Non
         )
     if every is not None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise WiringError(f"every must be a positive integer, got {every!r}", where=f"{_WHERE}(every)",
-                              fix=f"use 2 or 3 (the teacher has {num_layers} layers)")
+            raise WiringError(
+                f"every must be a positive integer, got {every!r}",
+                where=f"{_WHERE}(every)",
+                fix=f"use 2 or 3 (the teacher has {num_layers} layers)",
+            )
         return list(range(0, num_layers, every))
     kept = []
     for index in layers:  # type: ignore[union-attr]
@@ -69,7 +72,7 @@ def _kept_layers(num_layers: int, every: int | None, layers: Sequence[int] | Non
                 fix=f"use indices in [0, {num_layers - 1}] (negative indices count from the end)",
             )
         kept.append(index % num_layers)
-    if not kept or any(b <= a for a, b in zip(kept, kept[1:])):
+    if not kept or any(b <= a for a, b in zip(kept, kept[1:], strict=False)):
         raise WiringError(
             f"layers must be a non-empty, strictly increasing list of distinct indices, got {list(layers)}",
             where=f"{_WHERE}(layers)",

@@ -36,7 +36,8 @@ from :mod:`kdistill.losses.response`:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +87,7 @@ def _head_parts(head: Any, role: str) -> tuple[Tensor, Tensor | None]:
         raise WiringError(
             f"{role} head must be an nn.Linear or a weight tensor of shape (V, H), got {type(head).__name__}",
             where=f"{_WHERE}({role}_head)",
-            fix=f"pass model.get_output_embeddings() or its .weight (see kdistill.llm.get_output_head)",
+            fix="pass model.get_output_embeddings() or its .weight (see kdistill.llm.get_output_head)",
         )
     if weight.ndim != 2:
         raise WiringError(
@@ -327,9 +328,7 @@ def token_kd_loss(
     b_t = None if b_t is None else b_t.detach()
     if h_s.shape[0] == 0:
         return _zero_loss(student_hidden, w_s)
-    needs_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (h_s, w_s, b_s)
-    )
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h_s, w_s, b_s))
     if not needs_grad:
         total = _chunked_sum_no_grad(h_s, w_s, b_s, h_t, w_t, b_t, spec)
         return (total / h_s.shape[0]).to(torch.promote_types(h_s.dtype, torch.float32))
@@ -368,9 +367,7 @@ def token_kd_loss_reference(
     )
     z_s = _transform_logits(F.linear(student_hidden, w_s, b_s), spec["student_scale"], spec["student_cap"])
     with torch.no_grad():
-        z_t = _transform_logits(
-            F.linear(teacher_hidden, w_t, b_t), spec["teacher_scale"], spec["teacher_cap"]
-        )
+        z_t = _transform_logits(F.linear(teacher_hidden, w_t, b_t), spec["teacher_scale"], spec["teacher_cap"])
     valid = labels.to(z_s.device) != IGNORE_INDEX
     if not bool(valid.any()):
         return _zero_loss(student_hidden, w_s)
