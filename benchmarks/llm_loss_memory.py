@@ -9,7 +9,9 @@ Setup (SmolLM2-135M's head): hidden H = 576 for student and teacher, vocabulary 
   the extra resident memory the loss needs at its peak, including the gradient buffers. (Where clear_refs is
   not writable it falls back to ``ru_maxrss - RSS_after_setup``; setup allocates only the inputs, so the two
   agree.) PyTorch's CPU allocator returns large blocks to the OS on free, so RSS follows live tensors.
-* Time: in this one process, variants interleaved, one warm-up each, then the median of ``--repeats`` runs.
+* Time: in this one process, variants interleaved, one warm-up each, then the median of ``--repeats`` runs
+  (``time_ratio_N`` = median chunked / median reference). Other processes on a shared machine add noise; the
+  JSON also holds every run, the minima, the median of the per-repeat (paired) ratios and the load average.
 * max_grad_err: the largest absolute difference between chunked and reference gradients (student hidden
   states and head weight) and loss, at the smallest N.
 
@@ -148,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus".strip(),
     }
+    result["load_average_at_start"] = os.getloadavg()
     rows = []
     for n in sizes:
         mem = {v: measure_memory(v, n, args.chunk_size) for v in VARIANTS}
@@ -156,11 +159,16 @@ def main(argv: list[str] | None = None) -> dict:
         result[f"mem_bytes_{n}"] = {v: mem[v]["peak_extra_bytes"] for v in VARIANTS}
         result[f"time_s_{n}"] = {v: times[v] for v in VARIANTS}
         result[f"time_median_s_{n}"] = med
+        result[f"time_min_s_{n}"] = {v: min(times[v]) for v in VARIANTS}
+        result[f"time_ratio_paired_median_{n}"] = statistics.median(
+            c / r for c, r in zip(times["chunked"], times["reference"], strict=True)
+        )
         result[f"mem_ratio_{n}"] = mem["chunked"]["peak_extra_bytes"] / mem["reference"]["peak_extra_bytes"]
         result[f"time_ratio_{n}"] = med["chunked"] / med["reference"]
         result["memory_method"] = mem["chunked"]["method"]
         rows.append((n, mem, med))
     result["max_grad_err"] = grad_error(sizes[0], args.chunk_size)
+    result["load_average_at_end"] = os.getloadavg()
 
     print(f"token_kd_loss forward+backward, H={HIDDEN}, V={VOCAB}, chunk_size={args.chunk_size}, {repeats} repeats")
     print(f"{'N':>6} {'variant':>10} {'peak MiB':>10} {'median s':>10}")

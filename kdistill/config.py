@@ -29,12 +29,22 @@ class TransferConfig(_Strict):
     seed: int = Field(1, description="generator seed of the transfer set; must differ from the data seed")
 
 
+class AugmentConfig(_Strict):
+    """Random shifts / flips of the training inputs (see `kdistill.data.augment`)."""
+
+    max_shift: int = Field(0, ge=0, description="shift each sample by up to this many positions per spatial axis")
+    flip: bool = Field(False, description="mirror half of the samples along the last axis")
+    views: Optional[int] = Field(None, ge=1, description="fixed augmented views per sample (lets teacher.cache "
+                                                         "store each view); unset = new randomness every step")
+
+
 class DataConfig(_Strict):
     name: Literal["mnist1d", "digits", "fashion_mnist"] = "mnist1d"
     root: Optional[str] = Field(None, description="folder of the Fashion-MNIST IDX files")
     seed: int = Field(0, description="seed of the dataset generator / split")
     train_size: Optional[int] = Field(None, ge=1, description="keep only the first N training samples")
     transfer: TransferConfig = TransferConfig()
+    augment: Optional[AugmentConfig] = Field(None, description="random augmentation of the training inputs")
 
 
 class ModelConfig(_Strict):
@@ -86,6 +96,21 @@ class DistillConfig(_Strict):
     terms: Optional[list[TermConfig]] = None
     taps: dict[str, str] = Field(default_factory=dict, description="extra taps: name -> 'module.path[:selector]'")
 
+    @model_validator(mode="after")
+    def _taps_defined(self) -> "DistillConfig":
+        import difflib
+
+        for i, term in enumerate(self.terms or []):
+            sides = [("student", term.student)] + ([("teacher", term.teacher)] if term.loss != "ce" else [])
+            for side, tap in sides:
+                if tap != "logits" and tap not in self.taps:
+                    close = difflib.get_close_matches(tap, list(self.taps), n=3, cutoff=0.5)
+                    hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+                    defined = ", ".join(sorted(self.taps)) or "none"
+                    raise ValueError(f"terms[{i}].{side}: tap '{tap}' is not defined under distill.taps; {hint}"
+                                     f"defined: {defined} (or 'logits')")
+        return self
+
     def resolved_terms(self) -> list[TermConfig]:
         if self.terms:
             return list(self.terms)
@@ -128,10 +153,21 @@ class TrainConfig(_Strict):
         return self
 
 
+class CacheConfig(_Strict):
+    """Store the teacher's outputs once (`kdistill cache build`) and train the student from them."""
+
+    dir: Optional[str] = Field(None, description="cache folder (default: RUN_DIR/teacher-cache)")
+    kind: Literal["dense", "topk"] = Field("dense", description="all logits, or the top-k plus the tail mass")
+    k: int = Field(32, ge=1, description="classes kept per position for kind: topk")
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    shard_rows: Optional[int] = Field(None, ge=1, description="samples per shard (default: ~64 MiB shards)")
+
+
 class TeacherConfig(ModelConfig):
     """The teacher. With no `weights`, it is first trained on the labelled data with `train`."""
 
     train: Optional[TrainConfig] = None
+    cache: Optional[CacheConfig] = Field(None, description="train the student from stored teacher outputs")
 
 
 class EvalConfig(_Strict):
@@ -140,24 +176,200 @@ class EvalConfig(_Strict):
     ece_bins: int = Field(15, ge=2)
 
 
+# -- training schemes: who teaches whom, and when (see docs/schemes.md) ----------------------------------------
+class OfflineScheme(_Strict):
+    """A frozen teacher (trained first when it has no weights) teaches the student (Hinton et al. 2015)."""
+
+    name: Literal["offline"] = "offline"
+
+
+class MutualScheme(_Strict):
+    """Deep mutual learning (Zhang et al. 2018): peers trained together from scratch, each with CE plus
+    KL to the average of the other peers' predictions."""
+
+    name: Literal["mutual"]
+    peers: Union[list[ModelConfig], int] = Field(2, description="number of copies of `student`, or the peer models")
+    temperature: float = Field(1.0, gt=0)
+    kl_weight: float = Field(1.0, ge=0)
+
+    @field_validator("peers")
+    @classmethod
+    def _two_or_more(cls, v):
+        if (v if isinstance(v, int) else len(v)) < 2:
+            raise ValueError("mutual learning needs at least 2 peers")
+        return v
+
+
+class BornAgainScheme(_Strict):
+    """Born-again networks (Furlanello et al. 2018): generation k+1 (the student's architecture) learns from
+    the frozen generation k with the `distill` objective; generation 0 learns from labels."""
+
+    name: Literal["born_again"]
+    generations: int = Field(3, ge=1, description="distilled generations after generation 0")
+    ensemble: bool = Field(True, description="also evaluate the ensemble of generations 1..K")
+
+
+class ByotScheme(_Strict):
+    """Be Your Own Teacher (Zhang et al. 2019): auxiliary classifier exits on intermediate student taps,
+    supervised by the labels and by the final output."""
+
+    name: Literal["byot"]
+    exits: dict[str, str] = Field(..., min_length=1, description="exit name -> student module path")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the KD term of each exit (1 - alpha weighs CE)")
+    temperature: float = Field(3.0, gt=0)
+    pool: int = Field(4, ge=1, description="adaptive-pool size of conv features before an exit head")
+    hidden: int = Field(128, ge=1, description="hidden width of an exit head")
+
+
+class SnapshotScheme(_Strict):
+    """Progressive self-knowledge distillation (Kim et al. 2021): the target is (1 - a_t) y + a_t p_prev(x),
+    p_prev the model's own prediction for x in the previous epoch, a_t rising linearly to `alpha`."""
+
+    name: Literal["snapshot"]
+    alpha: float = Field(0.8, ge=0, le=1)
+
+
+class MultiTeacherScheme(_Strict):
+    """Several teachers (any architectures) combined into one soft target."""
+
+    name: Literal["multi_teacher"]
+    teachers: list[TeacherConfig] = Field(..., min_length=2)
+    combine: Literal["mean", "weights", "agreement"] = "mean"
+    weights: Optional[list[float]] = Field(None, description="fixed teacher weights (combine: weights)")
+    agreement_temperature: float = Field(1.0, gt=0, description="sharpness of the agreement weighting")
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> "MultiTeacherScheme":
+        if self.combine == "weights":
+            if not self.weights or len(self.weights) != len(self.teachers) or min(self.weights) < 0 \
+                    or sum(self.weights) <= 0:
+                raise ValueError(f"combine 'weights' needs {len(self.teachers)} non-negative weights, one per teacher")
+        elif self.weights is not None:
+            raise ValueError(f"'weights' is only used with combine: weights (combine is '{self.combine}')")
+        return self
+
+
+class SpecialistsScheme(_Strict):
+    """Specialist ensembles (Hinton et al. 2015, sec. 5): the teacher is the generalist; specialists learn
+    confusable class groups (plus a dustbin class); generalist + specialists teach the student."""
+
+    name: Literal["specialists"]
+    num_specialists: int = Field(2, ge=1)
+    group_size: int = Field(2, ge=2)
+    specialist: Optional[ModelConfig] = Field(None, description="specialist model (default: the teacher's)")
+    specialist_train: Optional[TrainConfig] = Field(None, description="default: teacher.train or train")
+    dustbin_ratio: float = Field(1.0, gt=0, description="dustbin examples per in-group example")
+    top_k: int = Field(2, ge=1, description="a specialist is used when its group meets the generalist's top k")
+
+
+class AssistantScheme(_Strict):
+    """Teacher-assistant chain (Mirzadeh et al. 2020): teacher -> assistant(s) -> student."""
+
+    name: Literal["assistant"]
+    assistants: Optional[list[ModelConfig]] = Field(None, description="explicit assistants, largest first")
+    num_assistants: int = Field(1, ge=1, description="without `assistants`: this many, spaced geometrically in "
+                                                     "parameter count between teacher and student")
+    direct: bool = Field(True, description="also distil the student directly from the teacher")
+
+
+class LifelongScheme(_Strict):
+    """Learning without Forgetting (Li & Hoiem 2016): learn new classes while distilling the old model's
+    outputs on the new data; compared with plain fine-tuning."""
+
+    name: Literal["lifelong"]
+    old_classes: list[int] = Field(..., min_length=1)
+    new_classes: list[int] = Field(..., min_length=1)
+    lwf_weight: float = Field(1.0, ge=0)
+    temperature: float = Field(2.0, gt=0)
+    old_train: Optional[TrainConfig] = Field(None, description="training of the old task (default: train)")
+    finetune: bool = Field(True, description="also fine-tune without distillation for comparison")
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> "LifelongScheme":
+        both = set(self.old_classes) & set(self.new_classes)
+        if both or len(set(self.old_classes)) != len(self.old_classes) or \
+                len(set(self.new_classes)) != len(self.new_classes):
+            raise ValueError(f"old_classes and new_classes must be distinct and disjoint (shared: {sorted(both)})")
+        return self
+
+
+class CrossModalScheme(_Strict):
+    """Teacher and student read different views of the same sample: 'identity', 'downsample:F',
+    'noise:STD', or a chain like 'downsample:2+noise:0.5'."""
+
+    name: Literal["cross_modal"]
+    teacher_view: str = "identity"
+    student_view: str = "downsample:2"
+
+
+class SelectiveScheme(_Strict):
+    """Selective teacher intervention: the teacher's terms count only at positions (samples, or tokens of
+    3-D logits) where student and teacher diverge by more than a threshold."""
+
+    name: Literal["selective"]
+    divergence: Literal["kl", "top1"] = "kl"
+    threshold: float = Field(0.1, ge=0)
+    threshold_end: Optional[float] = Field(None, ge=0, description="final threshold (schedule: linear)")
+    schedule: Literal["constant", "linear"] = "constant"
+    granularity: Literal["token", "sample"] = "token"
+    terms: Optional[list[str]] = Field(None, description="gated terms (default: every logit term of the teacher)")
+
+
+SchemeConfig = Union[OfflineScheme, MutualScheme, BornAgainScheme, ByotScheme, SnapshotScheme, MultiTeacherScheme,
+                     SpecialistsScheme, AssistantScheme, LifelongScheme, CrossModalScheme, SelectiveScheme]
+SCHEMES_WITH_TEACHER = ("offline", "specialists", "assistant", "cross_modal", "selective")
+
+
 class RunConfig(_Strict):
     seed: int = 0
     data: DataConfig = DataConfig()
-    teacher: TeacherConfig
+    teacher: Optional[TeacherConfig] = Field(None, description="required by schemes offline, specialists, assistant, "
+                                                                 "cross_modal, selective")
     student: ModelConfig
     distill: DistillConfig = DistillConfig()
     train: TrainConfig = TrainConfig()
     baseline: bool = Field(True, description="also train the student without a teacher, same budget")
     eval: EvalConfig = EvalConfig()
+    scheme: SchemeConfig = Field(default_factory=OfflineScheme, discriminator="name",
+                                 description="who teaches whom: 'offline' (default), 'mutual', 'born_again', ...")
+
+    @field_validator("scheme", mode="before")
+    @classmethod
+    def _scheme_shorthand(cls, v):
+        return {"name": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _teacher_fits_scheme(self) -> "RunConfig":
+        name = self.scheme.name
+        if name in SCHEMES_WITH_TEACHER and self.teacher is None:
+            raise ValueError(f"scheme '{name}' needs a 'teacher'")
+        if name not in SCHEMES_WITH_TEACHER and self.teacher is not None:
+            where = "scheme.teachers" if name == "multi_teacher" else "nothing: the scheme trains its own teachers"
+            raise ValueError(f"scheme '{name}' does not use 'teacher' (it uses {where}); remove it")
+        return self
+
+    @model_validator(mode="after")
+    def _cache_is_possible(self) -> "RunConfig":
+        if self.teacher is None or self.teacher.cache is None:
+            return self
+        if self.scheme.name != "offline":
+            raise ValueError(f"teacher.cache is used by scheme 'offline' only, not '{self.scheme.name}'; remove it")
+        if self.data.augment is not None and self.data.augment.views is None:
+            raise ValueError("teacher.cache: data.augment draws new random inputs every step, so stored teacher "
+                             "outputs would be targets for inputs the student never sees; set data.augment.views: N "
+                             "(the cache then stores N views per sample) or remove teacher.cache")
+        return self
 
 
 def _field_path(loc: tuple[Union[int, str], ...]) -> str:
     out = ""
-    for part in loc:
+    for i, part in enumerate(loc):
         if isinstance(part, int):
             out += f"[{part}]"
         elif part.startswith("function-") or part.endswith("]"):
             continue
+        elif i and loc[i - 1] == "scheme" and out == "scheme":
+            continue  # the union tag (scheme name) is not a field
         else:
             out += ("." if out else "") + part
     return out or "(top level)"
@@ -176,6 +388,10 @@ def format_validation_error(err: ValidationError, source: str = "config") -> str
     elif kind == "literal_error":
         expected = (first.get("ctx") or {}).get("expected", "")
         msg = f"got {first.get('input')!r}; allowed: {expected}"
+    elif kind in ("union_tag_invalid", "union_tag_not_found"):
+        ctx = first.get("ctx") or {}
+        msg = f"unknown name {ctx.get('tag')!r}; allowed: {ctx.get('expected_tags', '')}" \
+            if kind == "union_tag_invalid" else "the 'name' field is missing"
     elif "input" in first and kind not in ("value_error",):
         msg = f"{msg} (got {first.get('input')!r})"
     msg = msg.replace("Value error, ", "")

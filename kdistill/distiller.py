@@ -23,6 +23,7 @@ from torch import nn
 
 from kdistill.adapters import build_adapter
 from kdistill.errors import WiringError
+from kdistill.losses.sparse import SparseDistribution, sparse_loss
 from kdistill.taps import Taps
 
 LOGITS = "logits"
@@ -137,12 +138,27 @@ class LiveTeacher:
         return {k: v.clone() if torch.is_tensor(v) else v for k, v in values.items()}
 
 
-def _call_loss(fn: Callable, term: Term, s: Any, t: Any, labels: Optional[torch.Tensor]) -> torch.Tensor:
-    from kdistill.losses import NEEDS_LABELS
+def _resolve(term: Term) -> tuple[str, Optional[Callable]]:
+    """How a term is called: ("ce" | "labels" | "plain", fn) or ("module", None) for stateful losses."""
+    from kdistill import losses
 
+    if term.loss in losses.MODULE_LOSSES:
+        return "module", None
+    if term.loss not in losses.LOSSES:
+        raise WiringError(f"unknown loss '{term.loss}' in term '{term.name}'",
+                          fix=f"choose one of {', '.join(sorted(known_losses()))}")
+    fn = losses.LOSSES[term.loss]
     if term.loss == "ce":
+        return "ce", fn
+    return ("labels" if term.loss in losses.NEEDS_LABELS else "plain"), fn
+
+
+def _call_loss(fn: Callable, term: Term, s: Any, t: Any, labels: Optional[torch.Tensor]) -> torch.Tensor:
+    """Call a functional loss with the term's calling convention (outside the hot loop)."""
+    kind, _ = _resolve(term)
+    if kind == "ce":
         return fn(s, labels, **term.params)
-    if term.loss in NEEDS_LABELS:
+    if kind == "labels":
         return fn(s, t, labels, **term.params)
     return fn(s, t, **term.params)
 
@@ -159,6 +175,7 @@ class StudentSide(nn.Module):
         self.adapters = nn.ModuleDict()
         self.loss_modules = nn.ModuleDict()
         self.terms = terms
+        self._calls = [_resolve(t) for t in terms]  # resolved once: no lookups in the hot loop
         self.student_tap_specs = dict(student_taps)
         self._taps = Taps(student, self.student_tap_specs) if self.student_tap_specs else None
         self.step = 0
@@ -174,20 +191,25 @@ class StudentSide(nn.Module):
         return out, values
 
     def forward(self, inputs: Any, teacher_values: Mapping[str, Any], labels: Optional[torch.Tensor]):
-        from kdistill import losses
-
         out, values = self.run_student(inputs)
         values[LOGITS] = logits_of(out)
         terms = {}
-        for term in self.terms:
+        for term, (kind, fn) in zip(self.terms, self._calls):
             s = values[term.student]
             if term.name in self.adapters:
                 s = self.adapters[term.name](s)
-            t = teacher_values.get(term.teacher) if term.loss != "ce" else None
-            if term.loss in losses.MODULE_LOSSES:
-                value = self.loss_modules[term.name](s.flatten(1), t.flatten(1))
+            if kind == "ce":
+                value = fn(s, labels, **term.params)
+            elif kind == "plain":
+                t = teacher_values[term.teacher]
+                if isinstance(t, SparseDistribution):  # a top-k teacher (cache): the k + 1 bucket version
+                    value = sparse_loss(term.loss, s, t, term.params)
+                else:
+                    value = fn(s, t, **term.params)
+            elif kind == "labels":
+                value = fn(s, teacher_values[term.teacher], labels, **term.params)
             else:
-                value = _call_loss(losses.LOSSES[term.loss], term, s, t, labels)
+                value = self.loss_modules[term.name](s.flatten(1), teacher_values[term.teacher].flatten(1))
             terms[term.name] = value * term.weight_at(self.step)
         return out, terms
 
@@ -220,7 +242,12 @@ class Distiller:
             raise WiringError(f"terms {needs_teacher} need a teacher but none is given",
                               fix="configure a teacher or use only 'ce'")
         taps = dict(student_taps or {})
-        self._check_tap_names(terms, taps, teacher_taps or {})
+        # a live teacher's taps are known here; any other teacher callable (a cache, an ensemble...) decides what
+        # it returns, and build() reports a missing output by term
+        known_teacher_taps = None
+        if isinstance(self.teacher, LiveTeacher):
+            known_teacher_taps = self.teacher.taps.specs if self.teacher.taps is not None else {}
+        self._check_tap_names(terms, taps, known_teacher_taps)
         self.side = StudentSide(student, terms, taps)
         self.module: nn.Module = self.side  # the engine replaces this with the DDP-wrapped side
         self.allow_adapters = adapters
@@ -233,7 +260,8 @@ class Distiller:
                 raise WiringError(f"term '{term.name}' uses student tap '{term.student}' which is not defined",
                                   where="distill.terms", fix=f"define it under distill.taps; defined: "
                                                              f"{sorted(student_taps) or 'none'}")
-            if term.loss != "ce" and term.teacher != LOGITS and term.teacher not in teacher_taps:
+            if teacher_taps is not None and term.loss != "ce" and term.teacher != LOGITS and \
+                    term.teacher not in teacher_taps:
                 raise WiringError(f"term '{term.name}' uses teacher tap '{term.teacher}' which is not defined",
                                   where="distill.terms", fix=f"define it under distill.taps; defined: "
                                                              f"{sorted(teacher_taps) or 'none'}")
@@ -274,6 +302,13 @@ class Distiller:
             t = tv.get(term.teacher)
             if t is None:
                 raise WiringError(f"teacher gave no '{term.teacher}' output", where=f"term '{term.name}'")
+            if isinstance(t, SparseDistribution):  # top-k teacher: only losses with a k + 1 bucket version
+                try:
+                    sparse_loss(term.loss, s, t, term.params)
+                except WiringError as err:
+                    raise WiringError(f"term '{term.name}' ({term.loss}): {err.what}", where=err.where,
+                                      fix=err.fix) from None
+                continue
             if not (torch.is_tensor(s) and torch.is_tensor(t)):
                 raise WiringError(f"term '{term.name}': taps must give tensors, got {type(s).__name__} and "
                                   f"{type(t).__name__}", fix="add a selector, e.g. 'layer:0'")

@@ -40,7 +40,7 @@ class ArrayDataset(torch.utils.data.Dataset):
         return {k: v[i] for k, v in self.tensors.items()}
 
     def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {k: v[idx] for k, v in self.tensors.items()}
+        return {k: v.index_select(0, idx) for k, v in self.tensors.items()}
 
     def fingerprint(self) -> str:
         """A content hash of the tensors (for cache keys)."""

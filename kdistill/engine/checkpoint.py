@@ -7,7 +7,10 @@ Layout of one checkpoint ``<dir>/step-00001234/``:
 - ``rng-rank{r}.pt``     each process's RNG states (torch, CUDA, numpy, python) as tensors and lists;
 - ``meta.json``          step and SHA-256 of every file, written last.
 Writes go to ``step-XXXXXXXX.tmp`` (files fsynced), then one rename: a crash never leaves a half checkpoint
-under a final name. Loading verifies checksums and falls back to the previous good checkpoint with a warning.
+under a final name; a ``*.tmp`` left by a kill is ignored and removed by the next write. Loading verifies
+checksums and falls back to the previous good checkpoint with a warning; the next write sets the skipped newer
+ones aside as ``step-XXXXXXXX.stale`` so that keeping the last N by step never keeps a damaged one. A failed
+write (full disk, read-only folder) raises a one-line `CheckpointError` and leaves earlier checkpoints intact.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save as safetensors_save
 
 from kdistill.errors import CheckpointError
 
@@ -65,25 +68,55 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write {path}: {err.strerror}", fix="check free space and permissions") \
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise CheckpointError(f"cannot write {path}: {_reason(err)}", fix="check free space and permissions") \
             from None
     _fsync_dir(path.parent)
 
 
-def save_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
-    """Save tensors as safetensors, atomically (shared storage is cloned: safetensors refuses aliases)."""
-    path = Path(path)
+def _reason(err: BaseException) -> str:
+    """The one-line cause of a failed write: the OS's words ("No space left on device"), not a traceback."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else type(err).__name__
+
+
+def safetensors_bytes(state_dict: dict[str, torch.Tensor], metadata: Optional[dict] = None) -> tuple[bytes, memoryview]:
+    """(header, data) of a safetensors file with a canonical header: keys sorted, so that equal tensors and
+    metadata always give equal bytes (safetensors itself writes metadata in a per-process hash order)."""
     tensors = {k: v.detach().contiguous().cpu().clone() for k, v in state_dict.items()}
+    raw = safetensors_save(tensors, metadata={k: str(v) for k, v in (metadata or {}).items()})
+    size = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8:8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return len(header).to_bytes(8, "little") + header, memoryview(raw)[8 + size:]
+
+
+def save_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
+    """Save tensors as safetensors, atomically and byte-reproducibly (shared storage is cloned: safetensors
+    refuses aliases). A failed write (full disk, no permission) is a one-line `CheckpointError`."""
+    path = Path(path)
+    header, data = safetensors_bytes(state_dict, metadata)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-        _fsync_file(tmp)
+        with open(tmp, "wb") as fh:
+            fh.write(header)
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write {path}: {err.strerror}", fix="check free space and permissions") \
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise CheckpointError(f"cannot write {path}: {_reason(err)}", fix="check free space and permissions") \
             from None
+    _fsync_dir(path.parent)
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -134,12 +167,36 @@ def _torch_save_bytes(obj: Any, path: Path) -> None:
         os.fsync(fh.fileno())
 
 
+def step_of(path: Path) -> Optional[int]:
+    """The step of a checkpoint folder name ``step-00001234`` (None for anything else)."""
+    name = Path(path).name
+    if not name.startswith(PREFIX):
+        return None
+    digits = name[len(PREFIX):]
+    return int(digits) if digits.isdigit() else None
+
+
 def list_checkpoints(folder: Path) -> list[Path]:
+    """Finished checkpoints of one stage, oldest first (``*.tmp`` writes in progress and set-aside ones excluded)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
-                  and not p.name.endswith(".tmp"))
+    found = [p for p in folder.iterdir() if p.is_dir() and step_of(p) is not None]
+    return sorted(found, key=step_of)
+
+
+def _remove_stale(folder: Path, newer_than: int) -> None:
+    """Rank 0, before writing step `newer_than`: drop half-written ``*.tmp`` folders (a kill during a write) and
+    set aside finished checkpoints of later steps (damaged ones that resume skipped, or a lost timeline) as
+    ``*.stale``, so that pruning by step never keeps them in place of good ones."""
+    for p in folder.iterdir():
+        if p.is_dir() and p.name.startswith(PREFIX) and p.name.endswith(".tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+    for p in list_checkpoints(folder):
+        if step_of(p) > newer_than:
+            target = p.with_name(p.name + ".stale")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(p, target)
 
 
 class CheckpointWriter:
@@ -158,6 +215,7 @@ class CheckpointWriter:
         try:
             if self.rank == 0:
                 self.folder.mkdir(parents=True, exist_ok=True)
+                _remove_stale(self.folder, step)
                 if tmp.exists():
                     shutil.rmtree(tmp)
                 tmp.mkdir()
@@ -168,21 +226,25 @@ class CheckpointWriter:
                 save_weights(tmp / "model.safetensors", weights)
                 _torch_save_bytes(state, tmp / "state.pt")
                 files = sorted(p.name for p in tmp.iterdir())
-                meta = {"step": step, "files": {name: sha256(tmp / name) for name in files}}
-                (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-                _fsync_file(tmp / "meta.json")
+                meta = {"format": 1, "step": step, "world_size": state.get("world_size", 1),
+                        "files": {name: sha256(tmp / name) for name in files}}
+                with open(tmp / "meta.json", "w") as fh:
+                    fh.write(json.dumps(meta, indent=1))
+                    fh.flush()
+                    os.fsync(fh.fileno())
                 _fsync_dir(tmp)
                 if final.exists():
                     shutil.rmtree(final)
                 os.replace(tmp, final)
                 _fsync_dir(self.folder)
                 self._prune()
-        except OSError as err:
-            if self.rank == 0 and tmp.exists():
+        except (OSError, CheckpointError) as err:
+            if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"cannot write checkpoint {final}: {err.strerror or err}",
-                                  fix="free disk space or make the run directory writable; "
-                                      "earlier checkpoints are intact") from None
+            reason = _reason(err) if isinstance(err, OSError) else err.what.rpartition(": ")[2]
+            raise CheckpointError(f"cannot write checkpoint {final}: {reason}",
+                                  fix="free disk space or make the run directory writable, then run the same "
+                                      "command again; earlier checkpoints are intact") from None
         self.barrier()
         return final
 
@@ -193,26 +255,48 @@ class CheckpointWriter:
 
 def verify(ckpt: Path) -> Optional[str]:
     """None if the checkpoint is complete and its checksums match, else the reason it is not."""
-    meta_path = ckpt / "meta.json"
+    meta_path = Path(ckpt) / "meta.json"
     if not meta_path.is_file():
         return "meta.json missing"
     try:
         meta = json.loads(meta_path.read_text())
-        files = meta["files"]
-    except (ValueError, KeyError, TypeError):
+    except (OSError, ValueError):  # ValueError covers bad JSON and bytes that are not UTF-8
         return "meta.json unreadable"
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, dict) or not isinstance(meta.get("step"), int):
+        return "meta.json malformed"
+    if meta["step"] != step_of(ckpt):
+        return f"meta.json says step {meta['step']}, the folder name says {step_of(ckpt)}"
+    for required in ("model.safetensors", "state.pt"):
+        if required not in files:
+            return f"meta.json lists no {required}"
     for name, digest in files.items():
-        path = ckpt / name
+        path = Path(ckpt) / str(name)
         if not path.is_file():
             return f"{name} missing"
-        if sha256(path) != digest:
-            return f"{name} checksum mismatch (damaged or truncated)"
+        try:
+            if sha256(path) != digest:
+                return f"{name} checksum mismatch (damaged or truncated)"
+        except OSError as err:
+            return f"{name} unreadable ({_reason(err)})"
     return None
 
 
 def load_latest(folder: Path, rank: int = 0, log=None) -> Optional[dict[str, Any]]:
-    """The newest checkpoint whose checksums verify: {"step", "weights", "state", "rng", "path"} or None."""
-    for ckpt in reversed(list_checkpoints(folder)):
+    """The newest checkpoint whose checksums verify: {"step", "weights", "state", "rng", "path"} or None.
+
+    An unusable checkpoint (truncated, corrupted, half-deleted) is skipped with a warning (through `log` when
+    given, else `warnings.warn`) and the previous one is tried; nothing in it is unpickled before its checksums
+    match, and then only with ``weights_only=True``."""
+
+    def warn(msg: str) -> None:
+        if log is not None:
+            log(f"warning: {msg}")
+        else:
+            warnings.warn(msg, stacklevel=3)
+
+    candidates = list(reversed(list_checkpoints(folder)))
+    for ckpt in candidates:
         problem = verify(ckpt)
         if problem is None:
             try:
@@ -220,13 +304,13 @@ def load_latest(folder: Path, rank: int = 0, log=None) -> Optional[dict[str, Any
                 state = torch.load(ckpt / "state.pt", weights_only=True, map_location="cpu")
                 rng_path = ckpt / f"rng-rank{rank}.pt"
                 rng = torch.load(rng_path, weights_only=True) if rng_path.is_file() else None
+                if not isinstance(state, dict):
+                    raise TypeError("state.pt is not a mapping")
             except Exception as err:  # a failure here is damage the checksum did not catch
                 problem = f"unreadable ({type(err).__name__})"
             else:
-                meta = json.loads((ckpt / "meta.json").read_text())
-                return {"step": int(meta["step"]), "weights": weights, "state": state, "rng": rng, "path": ckpt}
-        msg = f"checkpoint {ckpt} is not usable ({problem}); falling back to the previous one"
-        warnings.warn(msg, stacklevel=2)
-        if log is not None:
-            log(f"warning: {msg}")
+                return {"step": step_of(ckpt), "weights": weights, "state": state, "rng": rng, "path": ckpt}
+        warn(f"checkpoint {ckpt} is not usable ({problem}); falling back to the previous one")
+    if candidates:
+        warn(f"no usable checkpoint in {folder}; this stage starts again from step 0")
     return None

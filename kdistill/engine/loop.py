@@ -2,8 +2,9 @@
 
 One step: a batch (fancy-indexed from memory, or from a DataLoader), the teacher's forward (or its cache) under
 inference mode, one forward of the (DDP-wrapped) student side, a dict of named loss terms, one backward per
-micro-batch, clipping, optimizer and LR-schedule step. The host syncs only every `log_every` steps (metrics and
-the non-finite guard), at checkpoints and at the end; `nonfinite: skip` needs one sync per step to decide.
+micro-batch, clipping, optimizer and LR-schedule step. The step's loss terms stay on the device: the host syncs
+only every `log_every` steps (metrics and the non-finite check), at checkpoints and at the end; `nonfinite: skip`
+needs one sync per step to decide.
 
 The engine runs unchanged in one process or under `accelerate launch` / `torchrun` (DDP): only the student
 side is wrapped; the frozen teacher is never wrapped. It checkpoints atomically (see `checkpoint.py`), resumes
@@ -26,14 +27,17 @@ import torch
 from torch import nn
 
 from kdistill.config import TrainConfig
-from kdistill.engine.checkpoint import CheckpointWriter, load_latest, set_rng_state
+from kdistill.engine.checkpoint import CheckpointWriter, atomic_write_bytes, load_latest, set_rng_state
 from kdistill.engine.sampler import StepSampler
 from kdistill.errors import KDError, NonFiniteError
 from kdistill.progress import Progress
+from kdistill.wiring import dry_run
 
 
 class Interrupted(KDError):
-    """Training was stopped by a signal after writing a checkpoint."""
+    """Training was stopped by a signal after writing a checkpoint; `signal` is the signal's name."""
+
+    signal: str = "SIGINT"
 
 
 _ACCELERATOR = None
@@ -126,6 +130,9 @@ def stop_on_signals(flag: dict):
 
 
 def to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    if device.type == "cpu" and isinstance(batch, dict) and all(
+            torch.is_tensor(v) and v.device.type == "cpu" for v in batch.values()):
+        return batch
     if torch.is_tensor(batch):
         return batch.to(device, non_blocking=non_blocking)
     if isinstance(batch, dict):
@@ -142,11 +149,17 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            with open(self.path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+            except OSError as err:
+                raise KDError(f"cannot append to {self.path}: {err.strerror or err}",
+                              fix="free disk space or make the run directory writable, then run the same command "
+                                  "again (earlier checkpoints are intact)") from None
 
     def drop_after(self, stage: str, step: int) -> None:
-        """On resume: forget records of `stage` past the checkpoint's step (they will be logged again)."""
+        """At the start of a stage (step 0 or a resumed step): forget records of `stage` past `step` (a killed
+        run's, logged again now) and any torn line a kill left; the file is replaced atomically."""
         if not self.enabled or not self.path.is_file():
             return
         keep = []
@@ -158,7 +171,7 @@ class MetricsLog:
             if rec.get("stage") == stage and rec.get("step", 0) > step:
                 continue
             keep.append(json.dumps(rec))
-        self.path.write_text("".join(k + "\n" for k in keep))
+        atomic_write_bytes(self.path, "".join(k + "\n" for k in keep).encode())
 
 
 class Engine:
@@ -183,34 +196,46 @@ class Engine:
         self.accelerator = get_accelerator(cfg.mixed_precision)
 
     # -- data -------------------------------------------------------------------------------------------------
-    def _batches(self, data, sampler: StepSampler, start: int, collate_fn):
-        """Yield (step, micro-batches) from `start` to the end."""
+    def _batches(self, data, sampler: StepSampler, start: int, collate_fn, prefetch: Optional[Callable] = None):
+        """Yield (step, micro-batches) from `start` to the end. `prefetch(host_batch) -> dict` (a cached teacher's)
+        adds entries to each batch on the host, before the copy to the device (in the loader's workers if any)."""
         cfg = self.cfg
         micro = cfg.batch_size // cfg.grad_accum
         device = self.accelerator.device
         pin = cfg.pin_memory and device.type == "cuda"
+        layout = _channels_last if cfg.channels_last else (lambda b: b)
         if hasattr(data, "batch"):
             for step in range(start, cfg.steps):
                 idx = sampler.indices(step)
                 batch = data.batch(idx)
+                if prefetch is not None:
+                    batch.update(prefetch(batch))
                 if pin:
                     batch = {k: v.pin_memory() for k, v in batch.items()}
-                yield step, [to_device({k: v[i * micro:(i + 1) * micro] for k, v in batch.items()}, device, pin)
-                             for i in range(cfg.grad_accum)]
+                if cfg.grad_accum == 1:
+                    yield step, [layout(to_device(batch, device, pin))]
+                    continue
+                yield step, [layout(to_device({k: v[i * micro:(i + 1) * micro] for k, v in batch.items()}, device,
+                                              pin)) for i in range(cfg.grad_accum)]
             return
+        if prefetch is not None:
+            collate_fn = _PrefetchCollate(collate_fn or torch.utils.data.default_collate, prefetch)
         loader = torch.utils.data.DataLoader(
             data, batch_sampler=_MicroBatchPlan(sampler, start, cfg.steps, cfg.grad_accum),
             num_workers=cfg.num_workers, pin_memory=pin, collate_fn=collate_fn,
             persistent_workers=cfg.num_workers > 0)
         it = iter(loader)
         for step in range(start, cfg.steps):
-            yield step, [to_device(next(it), device, pin) for _ in range(cfg.grad_accum)]
+            yield step, [layout(to_device(next(it), device, pin)) for _ in range(cfg.grad_accum)]
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def fit(self, distiller, data, *, eval_fn: Optional[Callable[[nn.Module], dict]] = None,
             collate_fn: Optional[Callable] = None) -> dict:
         """Train; returns {"steps", "resumed_from", "terms" (last logged means), "evals", "seconds"}."""
-        with torch.random.fork_rng(devices=[]), deterministic_mode(self.cfg.deterministic):
+        from kdistill.data.builtin import preserved_global_rng
+
+        # the caller's RNG states (torch, numpy, python) are left as they were, even after a resume set them
+        with torch.random.fork_rng(devices=[]), preserved_global_rng(), deterministic_mode(self.cfg.deterministic):
             return self._fit(distiller, data, eval_fn, collate_fn)
 
     def _fit(self, distiller, data, eval_fn, collate_fn) -> dict:
@@ -231,13 +256,16 @@ class Engine:
                               name=getattr(data, "name", "data"))
 
         side = distiller.side.to(device)
-        if cfg.channels_last:
-            side.to(memory_format=torch.channels_last)
         if distiller.teacher is not None and hasattr(distiller.teacher, "to"):
             distiller.teacher.to(device)
-        # dry run on the first batch: taps, adapters, shapes (every rank builds the same modules)
-        first = next(self._batches(data, sampler, 0, collate_fn))[1][0]
-        distiller.build(first)
+        if cfg.channels_last:
+            side.to(memory_format=torch.channels_last)
+            if isinstance(getattr(distiller.teacher, "model", None), nn.Module):
+                distiller.teacher.model.to(memory_format=torch.channels_last)
+        prefetch = getattr(distiller.teacher, "prefetch", None)  # a cached teacher reads its rows on the host
+        # dry run on the first batch: taps, adapters, shapes, dtypes (every rank builds the same modules)
+        first = next(self._batches(data, sampler, 0, collate_fn, prefetch))[1][0]
+        dry_run(distiller, first)
         if cfg.compile:
             side.student.compile()
 
@@ -245,7 +273,7 @@ class Engine:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         model, optimizer = acc.prepare(side, optimizer)
         distiller.module = model
-        start, resumed_from = 0, None
+        start, resumed_from, window = 0, None, {}
         if ckpt_dir is not None:
             ck = load_latest(ckpt_dir, rank=rank, log=self.log)
             if ck is not None:
@@ -261,21 +289,31 @@ class Engine:
                 if ck["rng"] is not None:
                     set_rng_state(ck["rng"])
                 start = resumed_from = ck["step"]
-                metrics.drop_after(self.stage, start)
+                window = ck["state"].get("metrics_window") or {}
+                saved_world = ck["state"].get("world_size", world)
+                if saved_world != world and acc.is_main_process:
+                    self.log(f"warning: [{self.stage}] checkpoint written by {saved_world} processes, resumed by "
+                             f"{world}: training continues, but not bit-identically to an uninterrupted run")
                 if acc.is_main_process:
                     self.log(f"[{self.stage}] resumed from {ck['path']} (step {start})")
+        metrics.drop_after(self.stage, start)
         writer = CheckpointWriter(ckpt_dir, cfg.keep_checkpoints, rank, acc.wait_for_everyone) \
             if ckpt_dir is not None else None
 
-        guard = _NonFiniteGuard(self.stage)
+        window_sums = {k: v.to(device) for k, v in window.get("sums", {}).items()}
+        guard = _StepWindow(self.stage, window_sums, int(window.get("count", 0)))
+        written: list[int] = []
 
         def checkpoint(step: int) -> None:
-            guard.check(acc, world)  # never checkpoint weights updated from a non-finite loss
-            if writer is None:
+            guard.check(acc, world, params)  # never checkpoint weights updated from a non-finite loss
+            if writer is None or step in written:
                 return
+            written.append(step)
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": acc.scaler.state_dict() if acc.scaler is not None else {},
-                     "step": step, "position": sampler.position(step), "world_size": world}
+                     "step": step, "position": sampler.position(step), "world_size": world,
+                     # the partial sums of the current log window: a resumed run logs the same means
+                     "metrics_window": guard.state()}
             writer.write(step, acc.unwrap_model(model).state_dict(), state)
 
         evals: list[dict] = []
@@ -296,8 +334,11 @@ class Engine:
             acc.wait_for_everyone()
 
         params = [p for p in model.parameters() if p.requires_grad]
-        sums: dict[str, torch.Tensor] = {}
-        count = 0
+        # Accelerate's optimizer wrapper matters only with a grad scaler (fp16); otherwise step the torch optimizer
+        # itself (the wrapper's step re-checks installed packages on every call, ~0.5 ms on a CPU step)
+        inner_optimizer = getattr(optimizer, "optimizer", optimizer)
+        step_optimizer = optimizer.step if acc.scaler is not None else inner_optimizer.step
+        autocast = acc.autocast if acc.mixed_precision != "no" else nullcontext
         last_terms: dict[str, float] = {}
         flag: dict[str, str] = {}
         t0 = time.perf_counter()
@@ -305,57 +346,64 @@ class Engine:
         step = start
         with stop_on_signals(flag), Progress(cfg.steps, f"[{self.stage}] train", self.progress and
                                               acc.is_main_process, start=start) as bar:
-            for step, micro_batches in self._batches(data, sampler, start, collate_fn):
+            for step, micro_batches in self._batches(data, sampler, start, collate_fn, prefetch):
                 distiller.set_step(step)
-                step_terms: dict[str, torch.Tensor] = {}
-                for i, mb in enumerate(micro_batches):
-                    sync = i == len(micro_batches) - 1
-                    ctx = nullcontext() if sync or world == 1 else acc.no_sync(model)
-                    with ctx, acc.autocast():
-                        out = distiller(mb)
-                        loss = sum(out.terms.values()) / len(micro_batches)
+                if len(micro_batches) == 1:
+                    with autocast():
+                        out = distiller(micro_batches[0])
+                        loss = sum(out.terms.values())
                     acc.backward(loss)
-                    for k, v in out.terms.items():
-                        v = v.detach() / len(micro_batches)
-                        step_terms[k] = step_terms[k] + v if k in step_terms else v
-                total = sum(step_terms.values())
+                    step_terms = {k: v.detach() for k, v in out.terms.items()}
+                else:
+                    step_terms = {}
+                    for i, mb in enumerate(micro_batches):
+                        sync = i == len(micro_batches) - 1
+                        ctx = nullcontext() if sync or world == 1 else acc.no_sync(model)
+                        with ctx, autocast():
+                            out = distiller(mb)
+                            loss = sum(out.terms.values()) / len(micro_batches)
+                        acc.backward(loss)
+                        for k, v in out.terms.items():
+                            v = v.detach() / len(micro_batches)
+                            step_terms[k] = step_terms[k] + v if k in step_terms else v
                 grad_norm = acc.clip_grad_norm_(params, cfg.clip_grad_norm) if cfg.clip_grad_norm else None
-                bad = ~torch.isfinite(total)
-                if grad_norm is not None:
-                    bad = bad | ~torch.isfinite(grad_norm)
+                skip = False
                 if cfg.nonfinite == "skip":
                     # the decision is needed now: one host sync per step
+                    if grad_norm is None and acc.scaler is None:
+                        # a finite loss can still give a NaN/Inf gradient (e.g. sqrt at 0)
+                        grads = [p.grad for p in params if p.grad is not None]
+                        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
+                    bad = ~torch.isfinite(sum(step_terms.values()))
+                    if grad_norm is not None and acc.scaler is None:  # with fp16 the grad-scaler skips inf steps
+                        bad = bad | ~torch.isfinite(grad_norm)
                     if world > 1:
                         bad = acc.reduce(bad.float().reshape(1), reduction="sum") > 0
                     skip = bool(bad)
-                else:
-                    # 'stop': track on the device, sync only at log/checkpoint/end (no per-step host sync)
-                    skip = False
-                    guard.record(bad, step_terms, step)
+                # 'stop': the step's terms stay on the device; `guard.check` finds the first non-finite step
+                # (and non-finite weights from a bad gradient) at the next log / checkpoint / end
                 if skip:
                     names = [k for k, v in step_terms.items() if not torch.isfinite(v)] or ["(gradient)"]
-                    self.log(f"warning: skipped step {step + 1} of stage '{self.stage}': non-finite "
-                             f"{', '.join(names)}")
+                    what = f"loss term(s) {', '.join(names)}" if names != ["(gradient)"] else "gradient"
+                    self.log(f"warning: skipped step {step + 1} of stage '{self.stage}': non-finite {what}")
                     metrics.write({"stage": self.stage, "step": step + 1, "event": "nonfinite_skip",
                                    "terms": names})
-                    optimizer.zero_grad(set_to_none=True)
+                    inner_optimizer.zero_grad(set_to_none=True)
                     scheduler.step()
                 else:
-                    optimizer.step()
+                    step_optimizer()
                     scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    for k, v in step_terms.items():
-                        sums[k] = sums[k] + v if k in sums else v
-                    count += 1
+                    inner_optimizer.zero_grad(set_to_none=True)
+                    guard.add(step + 1, step_terms)
                 done = step + 1
                 if done % cfg.log_every == 0 or done == cfg.steps:
-                    guard.check(acc, world)
-                    if count:
-                        last_terms = {k: float(v) / count for k, v in sums.items()}
+                    guard.check(acc, world, params)
+                    means = guard.flush()
+                    if means:
+                        last_terms = means
                     record = {"stage": self.stage, "step": done, "lr": scheduler.get_last_lr()[0],
                               "loss": sum(last_terms.values()), "terms": last_terms}
                     metrics.write(record)
-                    sums, count = {}, 0
                     bar.update(0, " ".join(f"{k}={v:.4f}" for k, v in last_terms.items()))
                 bar.update(1)
                 if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
@@ -364,8 +412,10 @@ class Engine:
                     checkpoint(done)
                 if flag.get("signal"):
                     checkpoint(done)
-                    raise Interrupted(f"stopped by {flag['signal']} at step {done} of stage '{self.stage}'; "
+                    err = Interrupted(f"stopped by {flag['signal']} at step {done} of stage '{self.stage}'; "
                                       f"a checkpoint was written", fix="run the same command again to resume")
+                    err.signal = flag["signal"]
+                    raise err
         final_step = cfg.steps
         if start < cfg.steps or resumed_from is None:
             checkpoint(final_step)
@@ -375,35 +425,85 @@ class Engine:
                 "seconds": time.perf_counter() - t0}
 
 
-class _NonFiniteGuard:
-    """Device-side record of the first non-finite step and the terms involved; `check` syncs and raises."""
+class _StepWindow:
+    """The loss terms of the steps since the last log line, kept on the device (no per-step host sync, no extra
+    tensor op). `check` finds the first non-finite step and its terms, or non-finite weights left by a
+    non-finite gradient; `flush` gives the window's means for the log and starts a new window."""
 
-    def __init__(self, stage: str):
+    def __init__(self, stage: str, carry_sums: Optional[dict] = None, carry_count: int = 0):
         self.stage = stage
-        self.first_bad: Optional[torch.Tensor] = None
-        self.bad_terms: dict[str, torch.Tensor] = {}
+        self.entries: list[tuple[int, dict[str, torch.Tensor]]] = []
+        self.carry_sums = dict(carry_sums or {})  # from a checkpoint taken mid-window
+        self.carry_count = carry_count
+        self.checked = 0  # entries already verified finite
 
-    def record(self, bad: torch.Tensor, terms: dict[str, torch.Tensor], step: int) -> None:
-        if self.first_bad is None:
-            self.first_bad = torch.full((), -1, dtype=torch.long, device=bad.device)
-        self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step + 1),
-                                     self.first_bad)
-        for k, v in terms.items():
-            nonfin = ~torch.isfinite(v) & (self.first_bad == step + 1)
-            self.bad_terms[k] = self.bad_terms[k] | nonfin if k in self.bad_terms else nonfin
+    def add(self, step: int, terms: dict[str, torch.Tensor]) -> None:
+        self.entries.append((step, terms))
 
-    def check(self, acc, world: int) -> None:
-        if self.first_bad is None:
-            return
-        first = self.first_bad
+    def _stacked(self, entries) -> tuple[list[str], torch.Tensor]:
+        names = list(entries[0][1])
+        return names, torch.stack([torch.stack([terms[k].float() for k in names]) for _, terms in entries])
+
+    def check(self, acc, world: int, params) -> None:
+        fresh = self.entries[self.checked:]
+        bad_step, names = -1, []
+        if fresh:
+            keys, values = self._stacked(fresh)
+            finite = torch.isfinite(values)
+            if not bool(finite.all()):
+                row = int((~finite.all(dim=1)).nonzero()[0, 0])
+                bad_step = fresh[row][0]
+                names = [k for k, ok in zip(keys, finite[row].tolist()) if not ok]
+        if bad_step < 0 and params:
+            norms = torch._foreach_norm([p.detach() for p in params])
+            if not bool(torch.isfinite(torch.stack(norms)).all()):
+                bad_step = self.entries[-1][0] if self.entries else 0
         if world > 1:
-            first = acc.reduce(first.reshape(1).float(), reduction="max").long()
-        first = int(first.max())
-        if first >= 0:
-            names = [k for k, v in self.bad_terms.items() if bool(v)] or ["(gradient)"]
-            raise NonFiniteError(f"non-finite loss in term(s) {', '.join(names)} at step {first} of stage "
-                                 f"'{self.stage}'", fix="lower the learning rate, enable clip_grad_norm, check the "
-                                                        "inputs, or set train.nonfinite: skip")
+            bad_step = int(acc.reduce(torch.tensor([float(bad_step)], device=acc.device), reduction="max"))
+        if bad_step >= 0:
+            what = f"loss term(s) {', '.join(names)}" if names else "gradient (the loss terms were finite)"
+            raise NonFiniteError(f"non-finite {what} at step {bad_step} of stage '{self.stage}'",
+                                 fix="lower the learning rate, enable clip_grad_norm, check the inputs, or set "
+                                     "train.nonfinite: skip")
+        self.checked = len(self.entries)
+
+    def _sums(self) -> tuple[dict[str, torch.Tensor], int]:
+        sums = dict(self.carry_sums)
+        if self.entries:
+            keys, values = self._stacked(self.entries)
+            for k, v in zip(keys, values.sum(dim=0)):
+                sums[k] = sums[k] + v if k in sums else v
+        return sums, self.carry_count + len(self.entries)
+
+    def state(self) -> dict:
+        sums, count = self._sums()
+        return {"sums": {k: v.detach().cpu() for k, v in sums.items()}, "count": count}
+
+    def flush(self) -> dict[str, float]:
+        sums, count = self._sums()
+        self.entries, self.carry_sums, self.carry_count, self.checked = [], {}, 0, 0
+        return {k: float(v) / count for k, v in sums.items()} if count else {}
+
+
+def _channels_last(batch: dict) -> dict:
+    """4-D image inputs in channels-last memory layout (the layout the channels_last model's convolutions use)."""
+    for key in ("x", "teacher_x", "student_x"):
+        value = batch.get(key)
+        if torch.is_tensor(value) and value.dim() == 4 and value.is_floating_point():
+            batch[key] = value.contiguous(memory_format=torch.channels_last)
+    return batch
+
+
+class _PrefetchCollate:
+    """collate, then add the prefetched entries (runs in the DataLoader's workers; picklable)."""
+
+    def __init__(self, collate: Callable, prefetch: Callable):
+        self.collate, self.prefetch = collate, prefetch
+
+    def __call__(self, items):
+        batch = self.collate(items)
+        batch.update(self.prefetch(batch))
+        return batch
 
 
 class _MicroBatchPlan:

@@ -179,6 +179,11 @@ def _valid_rows(hidden: Tensor, labels: Tensor) -> Tensor:
     return hidden.reshape(-1, hidden.shape[-1])[(labels.reshape(-1) != IGNORE_INDEX).to(hidden.device)]
 
 
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    """Accumulator for the sum over chunks: float64, except on MPS (which has none)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _zero_loss(student_hidden: Tensor, w_s: Tensor) -> Tensor:
     """A 0 that is attached to the student graph (its gradients are zeros), for batches with no valid token."""
     return student_hidden.reshape(-1)[:0].sum().float() + w_s.reshape(-1)[:0].sum().float()
@@ -200,7 +205,7 @@ class _ChunkedTokenKD(torch.autograd.Function):
         grad_h = torch.empty_like(h_s) if need_h else None
         grad_w = torch.zeros(w_s.shape, dtype=acc_dtype, device=w_s.device) if need_w else None
         grad_b = torch.zeros(w_s.shape[0], dtype=acc_dtype, device=w_s.device) if need_b else None
-        total = torch.zeros((), dtype=torch.float64, device=h_s.device)
+        total = torch.zeros((), dtype=_sum_dtype(h_s.device), device=h_s.device)
         for start in range(0, n_rows, spec["chunk_size"]):
             stop = min(start + spec["chunk_size"], n_rows)
             h_s_chunk = h_s[start:stop]
@@ -210,7 +215,7 @@ class _ChunkedTokenKD(torch.autograd.Function):
                 z_s = _transform_logits(raw_s, spec["student_scale"], spec["student_cap"])
                 chunk_loss = spec["fn"](z_s, z_t, spec)
             (grad_raw,) = torch.autograd.grad(chunk_loss, raw_s)
-            total += chunk_loss.detach().double()
+            total += chunk_loss.detach().to(total.dtype)
             del z_t, z_s, raw_s, chunk_loss
             grad_raw = grad_raw.to(w_s.dtype)
             if need_h:
@@ -238,13 +243,13 @@ class _ChunkedTokenKD(torch.autograd.Function):
 
 def _chunked_sum_no_grad(h_s, w_s, b_s, h_t, w_t, b_t, spec) -> Tensor:
     """Sum of per-row divergences, chunk by chunk, without any gradient bookkeeping (evaluation)."""
-    total = torch.zeros((), dtype=torch.float64, device=h_s.device)
+    total = torch.zeros((), dtype=_sum_dtype(h_s.device), device=h_s.device)
     with torch.no_grad():
         for start in range(0, h_s.shape[0], spec["chunk_size"]):
             stop = min(start + spec["chunk_size"], h_s.shape[0])
             z_t = _transform_logits(F.linear(h_t[start:stop], w_t, b_t), spec["teacher_scale"], spec["teacher_cap"])
             z_s = _transform_logits(F.linear(h_s[start:stop], w_s, b_s), spec["student_scale"], spec["student_cap"])
-            total += spec["fn"](z_s, z_t, spec).double()
+            total += spec["fn"](z_s, z_t, spec).to(total.dtype)
     return total
 
 

@@ -16,9 +16,18 @@ from __future__ import annotations
 from typing import Callable
 
 from kdistill.losses.contrastive import CRDLoss
+from kdistill.losses.encoder import (
+    attention_kl,
+    attention_mse,
+    hidden_cosine,
+    hidden_mse,
+    self_relation,
+    similarity_matrix,
+)
 from kdistill.losses.feature import attention_transfer, hint
 from kdistill.losses.relation import correlation_congruence, pkt, rkd_angle, rkd_distance, similarity_preserving
 from kdistill.losses.response import ce, dist, dkd, jsd, kd, kl, reduce_positions, skew_kl, tvd
+from kdistill.losses.sparse import SPARSE_LOSSES, SparseDistribution, sparse_loss
 
 LOSSES: dict[str, Callable[..., object]] = {
     "ce": ce,
@@ -39,6 +48,13 @@ LOSSES: dict[str, Callable[..., object]] = {
     "pkt": pkt,
     "correlation_congruence": correlation_congruence,
     "cc": correlation_congruence,
+    # encoder (token-level: (B, T, D) / (B, H, T, T) with mask=; see kdistill.losses.encoder)
+    "hidden_mse": hidden_mse,
+    "hidden_cosine": hidden_cosine,
+    "attention_kl": attention_kl,
+    "attention_mse": attention_mse,
+    "self_relation": self_relation,
+    "similarity_matrix": similarity_matrix,
 }
 
 MODULE_LOSSES: dict[str, type] = {"crd": CRDLoss}
@@ -50,7 +66,15 @@ __all__ = [
     "LOSSES",
     "MODULE_LOSSES",
     "NEEDS_LABELS",
+    "SPARSE_LOSSES",
+    "SparseDistribution",
+    "attention_kl",
+    "attention_mse",
     "attention_transfer",
+    "hidden_cosine",
+    "hidden_mse",
+    "self_relation",
+    "similarity_matrix",
     "ce",
     "correlation_congruence",
     "dist",
@@ -65,5 +89,6 @@ __all__ = [
     "rkd_distance",
     "similarity_preserving",
     "skew_kl",
+    "sparse_loss",
     "tvd",
 ]

@@ -157,6 +157,8 @@ def reduce_positions(
         per_position = torch.where(mask, per_position, per_position.new_zeros(()))
     if reduction == "none":
         return per_position
+    if mask is None and reduction == "mean" and per_position.numel():
+        return per_position.mean()
     total = per_position.sum()
     if reduction == "sum":
         return total
@@ -412,7 +414,8 @@ def tvd(
     return reduce_positions(per_pos, mask, reduction, name=name)
 
 
-def _check_labels(name: str, labels: Tensor, positions_shape: torch.Size, num_classes: int, ignore_index: int) -> None:
+def _check_labels(name: str, labels: Tensor, positions_shape: torch.Size, num_classes: int, ignore_index: int,
+                  check_range: bool = True) -> None:
     if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
         got = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
         raise WiringError(
@@ -426,8 +429,13 @@ def _check_labels(name: str, labels: Tensor, positions_shape: torch.Size, num_cl
             where=_where(name),
             fix="give one class index per position (shape (B,) for (B, C) logits, (B, T) for (B, T, C))",
         )
-    valid = labels != ignore_index
-    if bool(((labels < 0) | (labels >= num_classes))[valid].any()):
+    # The value range is checked where it costs no device sync (CPU tensors); on accelerators the distiller's
+    # dry run (`Distiller.build`) checks the labels before training instead of syncing on every step.
+    if not check_range or labels.device.type != "cpu" or labels.numel() == 0:
+        return
+    lo, hi = torch.aminmax(torch.where(labels == ignore_index, 0, labels))
+    if lo < 0 or hi >= num_classes:
+        valid = labels != ignore_index
         bad = labels[valid & ((labels < 0) | (labels >= num_classes))]
         raise WiringError(
             f"{name}: label {int(bad[0])} out of range for {num_classes} classes",
@@ -628,8 +636,21 @@ def ce(
             )
         labels = extra[0]
     _check_logits(name, student_logits)
-    _check_labels(name, labels, student_logits.shape[:-1], student_logits.shape[-1], ignore_index)
+    fused = mask is None and reduction == "mean"
+    _check_labels(name, labels, student_logits.shape[:-1], student_logits.shape[-1], ignore_index,
+                  check_range=not fused)
     _check_mask(name, mask, student_logits.shape[:-1])
+    if fused:
+        # one cross_entropy kernel (it checks the label range itself, at no extra cost), divided by the number of
+        # labelled positions (0 when none are labelled, instead of F.cross_entropy's NaN)
+        logits = student_logits.to(_compute_dtype(student_logits))
+        try:
+            total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(),
+                                    ignore_index=ignore_index, reduction="sum")
+        except (IndexError, RuntimeError):
+            _check_labels(name, labels, student_logits.shape[:-1], student_logits.shape[-1], ignore_index)
+            raise
+        return total / (labels != ignore_index).sum().clamp(min=1).to(total.dtype)
     valid = _combine_mask(mask, labels, ignore_index)
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
     log_q = _log_softmax(student_logits, 1.0)

@@ -44,3 +44,23 @@ def load_state_dict_file(path: Union[str, Path], *, where: str = "weights", trus
         raise CheckpointError(f"{path} is not a state dict of tensors", where=where,
                               fix="save model.state_dict() (or use .safetensors)")
     return obj
+
+
+def load_into(model: torch.nn.Module, state_dict: dict, *, where: str = "weights", source: str = "") -> None:
+    """`model.load_state_dict(state_dict)` with a one-line `CheckpointError` naming the first missing, unexpected
+    and mis-shaped keys when the weights were saved from another architecture."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state_dict and torch.is_tensor(state_dict[k]) and tuple(state_dict[k].shape) != tuple(v.shape)]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape file vs model", shapes)):
+        if items:
+            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+            problems.append(f"{label}: {', '.join(items[:3])}{more}")
+    if problems:
+        raise CheckpointError(f"the weights{' in ' + source if source else ''} do not fit the model "
+                              f"({'; '.join(problems)})", where=where,
+                              fix="use weights saved from the same model name and kwargs")
+    model.load_state_dict(state_dict)

@@ -1,0 +1,381 @@
+"""Distillation methods side by side, in the style of the CRD (Tian et al. 2020) and DKD (Zhao et al. 2022) tables.
+
+One teacher, trained once and reused; one student architecture with >= 10x fewer parameters; one row per method:
+scratch, KD, DKD, DIST, FitNet, AT, SP, RKD, PKT, CC, CRD, KD+CRD. Every row trains the same student with the
+same init seed, data order, steps, batch size, optimizer, learning rate and schedule, through kdistill's own
+`Distiller` and `Engine`; only the loss terms differ. Each method's hyper-parameters are the published defaults
+(`METHODS` below, taken from the CRD code base RepDistiller for the CRD-table rows and from the DKD/DIST papers),
+never tuned here. Feature methods all read the same layer pair, the last convolutional stage of each network:
+map methods (FitNet, AT, SP) its output maps (equal spatial size, different channel counts, so FitNet gets a
+1x1-conv adapter), embedding methods (RKD, PKT, CC, CRD) the penultimate features, i.e. the same maps after the
+network's own global pooling, as in those papers and in the CRD code.
+
+Measured per row: top-1 on the test set (mean and sample std over the seeds), milliseconds per training step
+(median over the seeds of each run's mean step time; the step is the engine's full step: batch gather, teacher
+lookup, student forward with taps, loss terms, backward, optimizer), and the paired difference to KD (same seed,
+same init, same data order). Step time is the process CPU time of `Engine.fit` (one torch thread, so on an idle
+machine it equals wall time; on a shared machine it is far less noisy); the wall-clock figure is kept as
+`wall_ms_per_step`.
+
+The teacher is frozen and the data has no augmentation, so its outputs for a training row never change: they are
+computed once (logits and the tapped map for every training row) and served from memory by row index
+(`CachedTeacher`, a teacher callable like `LiveTeacher`). The step times therefore exclude the teacher forward
+(it is the same for every method); the table reports it separately (`teacher_ms_per_batch`).
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/methods.py --dataset fashion_mnist --json benchmarks/results/methods_fashion_mnist.json
+    OMP_NUM_THREADS=1 python benchmarks/methods.py --dataset mnist1d --json /tmp/methods_mnist1d.json
+    OMP_NUM_THREADS=1 python benchmarks/methods.py --dataset fashion_mnist --quick --json /tmp/quick.json  # CI
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kdistill.config import DataConfig, TrainConfig  # noqa: E402
+from kdistill.data import ArrayDataset, load_data  # noqa: E402
+from kdistill.distiller import Distiller, LiveTeacher, Term  # noqa: E402
+from kdistill.engine import Engine  # noqa: E402
+from kdistill.errors import NonFiniteError  # noqa: E402
+from kdistill.evaluate import accuracy, predict_logits  # noqa: E402
+from kdistill.models import build_model  # noqa: E402
+from kdistill.models.loading import load_state_dict_file  # noqa: E402
+from kdistill.schemes.offline import seeded_build, train_stage  # noqa: E402
+
+FEAT = "feat"  # tap name of the last stage's output maps, on both sides
+EMB = "emb"    # tap name of the penultimate features (those maps after the network's own pooling)
+
+
+@dataclass
+class Setup:
+    """One dataset's teacher / student pair and training budget."""
+
+    teacher: tuple[str, dict]
+    student: tuple[str, dict]
+    teacher_taps: dict[str, str]
+    student_taps: dict[str, str]
+    teacher_train: TrainConfig
+    train: TrainConfig
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+
+SETUPS: dict[str, Setup] = {
+    "fashion_mnist": Setup(
+        teacher=("resnet", {"depth": 14, "width": 16}),
+        student=("cnn2d", {"channels": [8, 16, 16]}),
+        teacher_taps={FEAT: "layer3", EMB: "pool"},      # (B, 64, 7, 7), (B, 64, 1, 1)
+        student_taps={FEAT: "features", EMB: "pool"},    # (B, 16, 7, 7), (B, 16, 1, 1)
+        teacher_train=TrainConfig(steps=1500, batch_size=128, lr=3e-3, schedule="onecycle", log_every=100,
+                                  checkpoint_every=500),
+        train=TrainConfig(steps=1200, batch_size=128, lr=3e-3, schedule="onecycle", log_every=100),
+    ),
+    "mnist1d": Setup(
+        teacher=("cnn1d", {"channels": 64, "depth": 4}),
+        student=("cnn1d", {"channels": 16, "depth": 4}),
+        teacher_taps={FEAT: "features", EMB: "flatten"},   # (B, 64, 5), (B, 320)
+        student_taps={FEAT: "features", EMB: "flatten"},   # (B, 16, 5), (B, 80)
+        teacher_train=TrainConfig(steps=3000, batch_size=128, lr=3e-3, schedule="onecycle", log_every=100),
+        train=TrainConfig(steps=1500, batch_size=128, lr=3e-3, schedule="onecycle", log_every=100),
+    ),
+}
+
+
+def _ce(weight: float = 1.0) -> Term:
+    return Term("ce", "ce", weight)
+
+
+def _feature(name: str, loss: str, weight: float, **params) -> Term:
+    return Term(name, loss, weight, student=FEAT, teacher=FEAT, params=params)
+
+
+def _embedding(name: str, loss: str, weight: float, **params) -> Term:
+    return Term(name, loss, weight, student=EMB, teacher=EMB, params=params)
+
+
+CRD_PARAMS = {"embed_dim": 128, "temperature": 0.07, "momentum": 0.5, "queue_size": 16384}
+
+
+@dataclass
+class Method:
+    name: str
+    terms: Callable[[int], list[Term]]  # total steps -> the objective
+    setting: str                        # the hyper-parameters, as printed in the docs
+    source: str
+
+
+METHODS: list[Method] = [
+    Method("scratch", lambda n: [_ce()], "CE", "-"),
+    Method("KD", lambda n: [_ce(0.1), Term("kd", "kd", 0.9, params={"temperature": 4.0})],
+           "0.1 CE + 0.9 KD, T=4", "Hinton et al. 2015; CRD code (-r 0.1 -a 0.9)"),
+    Method("DKD", lambda n: [_ce(), Term("dkd", "dkd", 1.0, params={"alpha": 1.0, "beta": 8.0, "temperature": 4.0},
+                                          warmup_steps=max(1, round(n * 20 / 240)))],
+           "CE + DKD(alpha=1, beta=8, T=4), weight warm-up over the first 1/12 of training (20 of 240 epochs)",
+           "Zhao et al. 2022, CIFAR-100 setting"),
+    Method("DIST", lambda n: [_ce(), Term("dist", "dist", 1.0, params={"beta": 2.0, "gamma": 2.0,
+                                                                        "temperature": 4.0})],
+           "CE + DIST(beta=2, gamma=2, T=4)", "Huang et al. 2022, CIFAR-100 setting"),
+    Method("FitNet", lambda n: [_ce(), _feature("hint", "hint", 100.0)],
+           "CE + 100 * hint (MSE after a 1x1-conv adapter)", "Romero et al. 2015; CRD code (-b 100)"),
+    Method("AT", lambda n: [_ce(), _feature("at", "attention_transfer", 1000.0, p=2.0)],
+           "CE + 1000 * AT(p=2)", "Zagoruyko & Komodakis 2017; CRD code (-b 1000)"),
+    Method("SP", lambda n: [_ce(), _feature("sp", "similarity_preserving", 3000.0)],
+           "CE + 3000 * SP", "Tung & Mori 2019; CRD code (-b 3000)"),
+    Method("RKD", lambda n: [_ce(), _embedding("rkd_distance", "rkd_distance", 25.0),
+                             _embedding("rkd_angle", "rkd_angle", 50.0)],
+           "CE + 25 * RKD-D + 50 * RKD-A", "Park et al. 2019; CRD code (-b 1, w_d=25, w_a=50)"),
+    Method("PKT", lambda n: [_ce(), _embedding("pkt", "pkt", 30000.0)],
+           "CE + 30000 * PKT", "Passalis & Tefas 2018; CRD code (-b 30000)"),
+    Method("CC", lambda n: [_ce(), _embedding("cc", "correlation_congruence", 0.02, kernel="gaussian", gamma=0.4,
+                                              order=2)],
+           "CE + 0.02 * CC(gaussian, gamma=0.4, order 2)", "Peng et al. 2019; weight from the CRD code (-b 0.02)"),
+    Method("CRD", lambda n: [_ce(), _embedding("crd", "crd", 0.8, **CRD_PARAMS)],
+           "CE + 0.8 * CRD(embed 128, tau=0.07, momentum 0.5, 16384 negatives)", "Tian et al. 2020 (-b 0.8)"),
+    Method("KD+CRD", lambda n: [_ce(), Term("kd", "kd", 1.0, params={"temperature": 4.0}),
+                                _embedding("crd", "crd", 0.8, **CRD_PARAMS)],
+           "CE + KD(T=4) + 0.8 * CRD", "Tian et al. 2020 (-r 1 -a 1 -b 0.8)"),
+]
+
+
+class CachedTeacher:
+    """A frozen teacher's outputs for every training row, computed once and looked up by the batch's ``index``.
+
+    Equivalent to running the teacher live when the teacher is frozen and the inputs are not augmented (each row
+    always gives the same output): the cache is built with `LiveTeacher` itself.
+    """
+
+    def __init__(self, values: Mapping[str, torch.Tensor]):
+        self.values = dict(values)
+
+    @classmethod
+    def build(cls, teacher: LiveTeacher, data: ArrayDataset, batch_size: int = 1024) -> "CachedTeacher":
+        n = len(data)
+        if not torch.equal(data.tensors["index"], torch.arange(n)):
+            raise ValueError("CachedTeacher needs a dataset whose index column is 0..N-1")
+        parts: dict[str, list[torch.Tensor]] = {}
+        for start in range(0, n, batch_size):
+            out = teacher(data.batch(torch.arange(start, min(n, start + batch_size))))
+            for k, v in out.items():
+                parts.setdefault(k, []).append(v)
+        return cls({k: torch.cat(v) for k, v in parts.items()})
+
+    def subset(self, keys) -> "CachedTeacher":
+        return CachedTeacher({k: self.values[k] for k in keys})
+
+    def to(self, device) -> "CachedTeacher":
+        self.values = {k: v.to(device) for k, v in self.values.items()}
+        return self
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        idx = batch["index"].to(next(iter(self.values.values())).device)
+        return {k: v[idx] for k, v in self.values.items()}
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _shrink(data: ArrayDataset, n: int) -> ArrayDataset:
+    return ArrayDataset({k: v[:n] for k, v in data.tensors.items()}, data.name)
+
+
+def prepare(dataset: str, setup: Setup, run_dir: Path, *, quick: bool, log=print) -> dict:
+    """Data, the trained teacher (trained once, reused from ``run_dir/teacher.safetensors``) and its cache."""
+    bundle = load_data(DataConfig(name=dataset))
+    if quick:
+        bundle.train = _shrink(bundle.train, 256)
+        bundle.test = _shrink(bundle.test, 256)
+    shape, classes = bundle.input_shape, bundle.num_classes
+    teacher = seeded_build(101, lambda: build_model(setup.teacher[0], setup.teacher[1], input_shape=shape,
+                                                    num_classes=classes))
+    weights = run_dir / "teacher.safetensors"
+    if weights.is_file():
+        teacher.load_state_dict(load_state_dict_file(weights))
+        log(f"teacher: reused {weights}")
+    else:
+        t0 = time.perf_counter()
+        teacher = train_stage("teacher", run_dir, setup.teacher_train,
+                              Distiller(teacher, None, [Term("ce", "ce")]), bundle.train, 1, bundle, False, log)
+        log(f"teacher: trained in {time.perf_counter() - t0:.0f} s -> {weights}")
+    teacher.eval()
+    teacher_top1 = accuracy(predict_logits(teacher, bundle.test), bundle.test.tensors["y"])
+    live = LiveTeacher(teacher, setup.teacher_taps)
+    t0 = time.perf_counter()
+    cache = CachedTeacher.build(live, bundle.train)
+    log(f"teacher: top-1 {teacher_top1:.4f}; outputs of {len(bundle.train)} training rows cached in "
+        f"{time.perf_counter() - t0:.0f} s ({', '.join(f'{k} {tuple(v.shape[1:])}' for k, v in cache.values.items())})")
+    # the live teacher's cost per training batch, for reference (median of a few calls)
+    batch = bundle.train.batch(torch.arange(min(len(bundle.train), setup.train.batch_size)))
+    times = []
+    for _ in range(2 if quick else 7):
+        t0 = time.perf_counter()
+        live(batch)
+        times.append((time.perf_counter() - t0) * 1000)
+    return {"bundle": bundle, "teacher": teacher, "teacher_top1": teacher_top1, "cache": cache,
+            "teacher_ms_per_batch": statistics.median(times[1:] if len(times) > 2 else times)}
+
+
+def train_student(setup: Setup, method: Method, seed: int, ctx: dict, train_cfg: TrainConfig) -> dict:
+    """Train one student with one method and seed through Distiller + Engine; test top-1 and step time."""
+    bundle = ctx["bundle"]
+    terms = method.terms(train_cfg.steps)
+    student = seeded_build(1000 + seed, lambda: build_model(setup.student[0], setup.student[1],
+                                                             input_shape=bundle.input_shape,
+                                                             num_classes=bundle.num_classes))
+    teacher_keys = {t.teacher for t in terms if t.loss != "ce"}
+    teacher = ctx["cache"].subset(teacher_keys) if teacher_keys else None
+    student_taps = {k: v for k, v in setup.student_taps.items() if any(t.student == k for t in terms)}
+    distiller = Distiller(student, teacher, terms, student_taps=student_taps)
+    engine = Engine(train_cfg, None, stage=f"{method.name}-seed{seed}", seed=seed, progress=False,
+                    log=lambda msg: None)
+    cpu0 = time.process_time()
+    try:
+        result = engine.fit(distiller, bundle.train)
+    except NonFiniteError as err:
+        return {"top1": None, "ms_per_step": None, "error": str(err)}
+    cpu = time.process_time() - cpu0
+    model = distiller.export_student()
+    top1 = accuracy(predict_logits(model, bundle.test), bundle.test.tensors["y"])
+    extra = n_params(distiller.side) - n_params(model)
+    return {"top1": top1, "ms_per_step": cpu * 1000 / train_cfg.steps,
+            "wall_ms_per_step": result["seconds"] * 1000 / train_cfg.steps, "terms": result["terms"],
+            "train_only_params": extra}
+
+
+def run_benchmark(dataset: str, *, quick: bool = False, run_dir: Optional[Path] = None,
+                  methods: Optional[list[str]] = None, seeds: Optional[tuple[int, ...]] = None,
+                  log=print) -> dict:
+    setup = SETUPS[dataset]
+    train_cfg, teacher_cfg = setup.train, setup.teacher_train
+    if quick:
+        train_cfg = train_cfg.model_copy(update={"steps": 3, "batch_size": 32, "log_every": 1})
+        teacher_cfg = teacher_cfg.model_copy(update={"steps": 3, "batch_size": 32, "log_every": 1})
+        setup = Setup(setup.teacher, setup.student, setup.teacher_taps, setup.student_taps, teacher_cfg, train_cfg,
+                      (0, 1))
+    seeds = tuple(seeds) if seeds is not None else setup.seeds
+    chosen = [m for m in METHODS if methods is None or m.name in methods]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(run_dir) if run_dir is not None else Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        ctx = prepare(dataset, setup, folder, quick=quick, log=log)
+        bundle = ctx["bundle"]
+        results: dict[str, list[dict]] = {m.name: [] for m in chosen}
+        t_all = time.perf_counter()
+        for seed in seeds:  # seeds outermost: machine-load drift spreads over every method alike
+            for method in chosen:
+                r = train_student(setup, method, seed, ctx, train_cfg)
+                results[method.name].append(r)
+                top1 = f"{r['top1']:.4f}" if r["top1"] is not None else "failed"
+                ms = f"{r['ms_per_step']:.1f} ms/step" if r["ms_per_step"] is not None else r.get("error", "")
+                log(f"seed {seed} {method.name:8s} top-1 {top1}  {ms}")
+        seconds = time.perf_counter() - t_all
+    student_params = n_params(seeded_build(0, lambda: build_model(setup.student[0], setup.student[1],
+                                                                    input_shape=bundle.input_shape,
+                                                                    num_classes=bundle.num_classes)))
+    kd_top1 = [r["top1"] for r in results.get("KD", [])]
+    rows = []
+    for method in chosen:
+        runs = results[method.name]
+        top1 = [r["top1"] for r in runs if r["top1"] is not None]
+        ms = [r["ms_per_step"] for r in runs if r["ms_per_step"] is not None]
+        wall = [r["wall_ms_per_step"] for r in runs if r["ms_per_step"] is not None]
+        row = {"method": method.name,
+               "top1_mean": statistics.mean(top1) if top1 else None,
+               "top1_std": statistics.stdev(top1) if len(top1) > 1 else (0.0 if top1 else None),
+               "ms_per_step": statistics.median(ms) if ms else None,
+               "wall_ms_per_step": statistics.median(wall) if wall else None,
+               "top1_seeds": [r["top1"] for r in runs],
+               "setting": method.setting, "source": method.source,
+               "train_only_params": runs[0].get("train_only_params"),
+               "failed": [r["error"] for r in runs if r["top1"] is None]}
+        if kd_top1 and len(kd_top1) == len(runs) and None not in kd_top1 and len(top1) == len(runs):
+            diffs = [a - b for a, b in zip(top1, kd_top1)]
+            row["vs_kd_mean"] = statistics.mean(diffs)
+            row["vs_kd_std"] = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+        rows.append(row)
+    return {
+        "dataset": dataset,
+        "teacher_top1": ctx["teacher_top1"],
+        "rows": rows,
+        "teacher": {"model": setup.teacher[0], "kwargs": setup.teacher[1], "params": n_params(ctx["teacher"]),
+                    "taps": setup.teacher_taps,
+                    "tap_shapes": {k: list(v.shape[1:]) for k, v in ctx["cache"].values.items()},
+                    "train": setup.teacher_train.model_dump(mode="json")},
+        "student": {"model": setup.student[0], "kwargs": setup.student[1], "params": student_params,
+                    "taps": setup.student_taps},
+        "compression": n_params(ctx["teacher"]) / student_params,
+        "train": train_cfg.model_dump(mode="json"),
+        "seeds": list(seeds),
+        "train_rows": len(bundle.train), "test_rows": len(bundle.test),
+        "teacher_ms_per_batch": ctx["teacher_ms_per_batch"],
+        "student_runs_seconds": seconds,
+        "quick": quick,
+    }
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{result['dataset']}: teacher {result['teacher']['model']} {result['teacher']['kwargs']} "
+             f"({result['teacher']['params']:,} params, top-1 {100 * result['teacher_top1']:.2f}%), student "
+             f"{result['student']['model']} {result['student']['kwargs']} ({result['student']['params']:,} params, "
+             f"{result['compression']:.0f}x fewer); {result['train']['steps']} steps x batch "
+             f"{result['train']['batch_size']}, seeds {result['seeds']}",
+             "",
+             "| method | top-1 % (mean ± std) | vs KD (paired) | ms / step | setting |",
+             "|---|---|---|---|---|"]
+    for row in result["rows"]:
+        if row["top1_mean"] is None:
+            lines.append(f"| {row['method']} | failed | – | – | {row['setting']} |")
+            continue
+        vs = f"{100 * row['vs_kd_mean']:+.2f} ± {100 * row['vs_kd_std']:.2f}" if "vs_kd_mean" in row else "–"
+        if row["method"] == "KD":
+            vs = "–"
+        lines.append(f"| {row['method']} | {100 * row['top1_mean']:.2f} ± {100 * row['top1_std']:.2f} | {vs} | "
+                     f"{row['ms_per_step']:.1f} | {row['setting']} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=sorted(SETUPS), default="fashion_mnist")
+    parser.add_argument("--quick", action="store_true", help="every method for 3 steps on 256 rows (for CI)")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="where the teacher is trained once and reused (default: runs/bench_methods/<dataset>; "
+                             "a temporary folder with --quick)")
+    parser.add_argument("--methods", nargs="*", default=None, help="only these rows (default: all)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    run_dir = args.run_dir
+    if run_dir is None and not args.quick:
+        run_dir = Path("runs") / "bench_methods" / args.dataset
+    result = run_benchmark(args.dataset, quick=args.quick, run_dir=run_dir, methods=args.methods)
+    result["command"] = " ".join(["OMP_NUM_THREADS=1", "python", "benchmarks/methods.py"] +
+                                 (argv if argv is not None else sys.argv[1:]))
+    result["environment"] = {"torch": torch.__version__, "python": platform.python_version(),
+                             "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    print(format_table(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2, default=lambda o: None if isinstance(o, float) and
+                                        math.isnan(o) else str(o)) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

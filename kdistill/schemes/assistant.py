@@ -1,0 +1,158 @@
+"""Teacher-assistant chains (Mirzadeh et al. 2020, "Improved Knowledge Distillation via Teacher Assistant").
+
+When the teacher is much larger than the student, distil in steps: teacher -> assistant 1 -> ... -> student,
+each link an offline KD round from the frozen previous model. Assistants are given, or spaced geometrically
+in parameter count between teacher and student: assistant j of k has about
+``P_student * (P_teacher / P_student) ** (j / (k + 1))`` parameters, built from the student's architecture by
+scaling its width knobs (``hidden``, ``channels``, ``width``) by one common factor.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from kdistill.config import ModelConfig, RunConfig, TrainConfig
+from kdistill.distiller import Term
+from kdistill.errors import ConfigError
+from kdistill.evaluate import predict_logits
+from kdistill.models import build_model, resolve_factory
+from kdistill.schemes.common import (
+    config_terms,
+    distill,
+    evaluate,
+    finish,
+    freeze,
+    model_from,
+    prepare,
+    teacher_from,
+    train_ce,
+)
+
+WIDTH_KEYS = ("hidden", "channels", "width")
+
+
+def width_kwargs(model_cfg: ModelConfig) -> dict[str, Any]:
+    """The model's width knobs with their values (configured, or the factory's defaults)."""
+    try:
+        params = inspect.signature(resolve_factory(model_cfg.name)).parameters
+    except (TypeError, ValueError):
+        params = {}
+    out = {}
+    for key in WIDTH_KEYS:
+        if key in model_cfg.kwargs:
+            out[key] = model_cfg.kwargs[key]
+        elif key in params and params[key].default is not inspect.Parameter.empty:
+            out[key] = params[key].default
+    return out
+
+
+def _scale(value, factor: float):
+    if isinstance(value, (list, tuple)):
+        return [max(1, round(v * factor)) for v in value]
+    return max(1, round(value * factor))
+
+
+def param_count(model_cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> int:
+    """Parameters of a configured model, built on the meta device (no memory, no init cost)."""
+    with torch.device("meta"):
+        model = build_model(model_cfg.name, model_cfg.kwargs, input_shape=input_shape, num_classes=num_classes)
+    return sum(p.numel() for p in model.parameters())
+
+
+def scaled_config(model_cfg: ModelConfig, factor: float) -> ModelConfig:
+    widths = width_kwargs(model_cfg)
+    kwargs = dict(model_cfg.kwargs)
+    kwargs.update({k: _scale(v, factor) for k, v in widths.items()})
+    return ModelConfig(name=model_cfg.name, kwargs=kwargs)
+
+
+def geometric_sizes(student_params: int, teacher_params: int, count: int) -> list[float]:
+    """Target parameter counts of `count` assistants, largest first, geometrically between the two."""
+    ratio = teacher_params / student_params
+    return [student_params * ratio ** (j / (count + 1)) for j in range(count, 0, -1)]
+
+
+def geometric_assistants(student_cfg: ModelConfig, teacher_params: int, input_shape: Sequence[int],
+                         num_classes: int, count: int = 1) -> list[ModelConfig]:
+    """`count` assistants of the student's architecture, widths scaled to the geometric target sizes."""
+    if not width_kwargs(student_cfg):
+        raise ConfigError(f"cannot size assistants for model '{student_cfg.name}': it has no width knob "
+                          f"({', '.join(WIDTH_KEYS)})", where="scheme.num_assistants",
+                          fix="list the assistants explicitly under scheme.assistants")
+    student_params = param_count(student_cfg, input_shape, num_classes)
+    if teacher_params <= student_params:
+        raise ConfigError(f"the teacher ({teacher_params:,} parameters) is not larger than the student "
+                          f"({student_params:,})", where="scheme", fix="list the assistants explicitly")
+    out = []
+    for target in geometric_sizes(student_params, teacher_params, count):
+        lo, hi = 0.0, math.log(teacher_params / student_params) + 1.0  # log width factor; params grow with it
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            if param_count(scaled_config(student_cfg, math.exp(mid)), input_shape, num_classes) < target:
+                lo = mid
+            else:
+                hi = mid
+        candidates = [scaled_config(student_cfg, math.exp(v)) for v in (lo, hi)]
+        out.append(min(candidates, key=lambda c: abs(math.log(param_count(c, input_shape, num_classes) / target))))
+    return out
+
+
+def train_chain(teacher: nn.Module, chain: Sequence[nn.Module], data, train_cfg: TrainConfig, *,
+                terms: Optional[list[Term]] = None, taps: Optional[Mapping[str, str]] = None, seed: int = 0,
+                names: Optional[Sequence[str]] = None, run_dir: Optional[Path] = None, progress: bool = False,
+                log=print) -> list[nn.Module]:
+    """Distil along `chain` (assistants largest first, the student last): link j learns from the frozen
+    link j - 1 (link 0 from `teacher`). Returns the trained links."""
+    names = list(names) if names is not None else [f"assistant{j + 1}" for j in range(len(chain) - 1)] + ["student"]
+    previous = freeze(teacher)
+    trained = []
+    for j, (name, model) in enumerate(zip(names, chain)):
+        model = distill(name, model, previous, data, train_cfg, seed=seed + j, terms=terms, taps=taps,
+                        run_dir=run_dir, progress=progress, log=log)
+        trained.append(model)
+        previous = freeze(model)
+    return trained
+
+
+def run(cfg: RunConfig, run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
+        trust_checkpoint: bool = False) -> dict:
+    s = cfg.scheme
+    bundle, run_dir = prepare(cfg, run_dir)
+    terms, taps = config_terms(cfg)
+    teacher = teacher_from(cfg.teacher, bundle, cfg.train, seed=cfg.seed, stage="teacher", where="teacher",
+                           run_dir=run_dir, progress=progress, log=log, trust_checkpoint=trust_checkpoint)
+    if s.assistants:
+        assistant_cfgs = list(s.assistants)
+    else:
+        teacher_params = sum(p.numel() for p in teacher.parameters())
+        assistant_cfgs = geometric_assistants(cfg.student, teacher_params, bundle.input_shape, bundle.num_classes,
+                                              s.num_assistants)
+    for j, a in enumerate(assistant_cfgs):
+        log(f"[assistant] assistant{j + 1}: {a.name} {a.kwargs}")
+    chain = [model_from(a, bundle, cfg.seed + 404 + j, f"scheme.assistants[{j}]") for j, a in enumerate(assistant_cfgs)]
+    chain.append(model_from(cfg.student, bundle, cfg.seed + 202, "student"))
+    trained = train_chain(teacher, chain, bundle.distill_set(), cfg.train, terms=terms, taps=taps, seed=cfg.seed + 3,
+                          run_dir=run_dir, progress=progress, log=log)
+    teacher_logits = predict_logits(teacher, bundle.test)
+    models = {"teacher": evaluate(teacher, bundle.test, cfg.eval)}
+    for j, model in enumerate(trained[:-1]):
+        models[f"assistant{j + 1}"] = evaluate(model, bundle.test, cfg.eval, reference_logits=teacher_logits)
+    if cfg.baseline:
+        base = train_ce("baseline", model_from(cfg.student, bundle, cfg.seed + 202, "student"), bundle.train,
+                        cfg.train, seed=cfg.seed + 2, run_dir=run_dir, progress=progress, log=log)
+        models["student, no teacher"] = evaluate(base, bundle.test, cfg.eval, reference_logits=teacher_logits)
+    if s.direct:
+        direct = distill("direct", model_from(cfg.student, bundle, cfg.seed + 202, "student"), teacher,
+                         bundle.distill_set(), cfg.train, seed=cfg.seed + 3 + len(chain) - 1, terms=terms, taps=taps,
+                         run_dir=run_dir, progress=progress, log=log)
+        models["student, KD from teacher"] = evaluate(direct, bundle.test, cfg.eval, reference_logits=teacher_logits)
+    models["student, KD via assistants"] = evaluate(trained[-1], bundle.test, cfg.eval,
+                                                    reference_logits=teacher_logits)
+    return finish({"scheme": "assistant", "dataset": bundle.name,
+                   "assistants": [a.model_dump(mode="json") for a in assistant_cfgs], "models": models}, run_dir)

@@ -1,0 +1,160 @@
+"""Lifelong distillation: Learning without Forgetting (Li & Hoiem 2016, "Learning without Forgetting").
+
+One network with one output per class; a task is a set of classes and reads only its own outputs (the
+multi-head, task-aware setting of LwF: old-task accuracy is the argmax over the old classes' outputs).
+
+1. ``old``: the model learns the old task (cross-entropy over the old classes' outputs, old-class data).
+2. The old model is frozen; on the *new* task's data (no old data is kept), the model learns
+
+       L = CE(z_new, y) + lambda_o * KL( softmax(z*_old / T) || softmax(z_old / T) )
+
+   z*_old being the frozen old model's outputs for the old classes on the same new-task input, T = 2 as in the
+   paper (KL and the paper's soft cross-entropy differ by the teacher's entropy, a constant: same gradient).
+   Plain fine-tuning is the same round without the second term. Forgetting = old-task accuracy before - after.
+   (The paper's warm-up step, training only the new head first, is not included.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from kdistill.config import RunConfig, TrainConfig
+from kdistill.data import ArrayDataset
+from kdistill.distiller import call_model, logits_of
+from kdistill.errors import ConfigError, WiringError
+from kdistill.evaluate import accuracy, predict_logits
+from kdistill.losses import ce, kl
+from kdistill.schemes.common import Objective, SchemeSide, finish, fit_round, freeze, model_from, prepare
+
+
+def task_data(data: ArrayDataset, classes: Sequence[int], name: str = "") -> ArrayDataset:
+    """The labelled rows of `classes` (labels unchanged)."""
+    y = data.tensors["y"]
+    rows = torch.isin(y, torch.as_tensor(list(classes))).nonzero().flatten()
+    if len(rows) == 0:
+        raise ConfigError(f"no examples of classes {list(classes)} in '{data.name}'", where="scheme")
+    return ArrayDataset({k: v[rows] for k, v in data.tensors.items() if k != "index"}, name or f"{data.name}-task")
+
+
+class TaskSide(SchemeSide):
+    """forward -> (output, {"ce": CE over `task_classes` outputs, "lwf": KL on `keep_classes` outputs vs teacher})."""
+
+    def __init__(self, model: nn.Module, task_classes: Sequence[int], keep_classes: Sequence[int] = (),
+                 lwf_weight: float = 1.0, temperature: float = 2.0):
+        super().__init__()
+        self.student = model
+        self.task_classes = list(task_classes)
+        self.keep_classes = list(keep_classes)
+        self.lwf_weight, self.temperature = lwf_weight, temperature
+        self.step = 0
+
+    def _local_labels(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+        lookup = torch.full((num_classes + 1,), -100, dtype=torch.long, device=labels.device)
+        lookup[torch.as_tensor(self.task_classes, device=labels.device)] = torch.arange(
+            len(self.task_classes), device=labels.device)
+        return lookup[torch.where(labels < 0, torch.full_like(labels, num_classes), labels)]
+
+    def build(self, inputs, teacher_values, labels) -> None:
+        z = logits_of(call_model(self.student, inputs))
+        top = max(self.task_classes + self.keep_classes)
+        if top >= z.shape[-1]:
+            raise WiringError(f"class {top} is beyond the model's {z.shape[-1]} outputs", where="scheme",
+                              fix="give the model one output per class of every task")
+        if labels is None:
+            raise WiringError("learning a task needs labels 'y'")
+        if self.keep_classes and "logits" not in teacher_values:
+            raise WiringError("LwF needs the old model's logits", fix="pass the frozen old model as the teacher")
+
+    def forward(self, inputs, teacher_values, labels):
+        out = call_model(self.student, inputs)
+        z = logits_of(out)
+        terms = {"ce": ce(z[..., self.task_classes], self._local_labels(labels, z.shape[-1]))}
+        if self.keep_classes:
+            old = teacher_values["logits"][..., self.keep_classes]
+            terms["lwf"] = self.lwf_weight * kl(z[..., self.keep_classes], old, self.temperature)
+        return out, terms
+
+
+def learn_task(model: nn.Module, data: ArrayDataset, task_classes: Sequence[int], train_cfg: TrainConfig, *,
+               old_model: Optional[nn.Module] = None, keep_classes: Sequence[int] = (), lwf_weight: float = 1.0,
+               temperature: float = 2.0, seed: int = 0, stage: str = "task", run_dir: Optional[Path] = None,
+               progress: bool = False, log=print) -> nn.Module:
+    """Train `model` on `task_classes`; with `old_model` and `keep_classes`, also keep the old model's outputs
+    on those classes (LwF). Without them this is plain fine-tuning."""
+    if keep_classes and old_model is None:
+        raise WiringError("keep_classes needs the old model", fix="pass old_model=")
+    side = TaskSide(model, task_classes, keep_classes if old_model is not None else (), lwf_weight, temperature)
+    objective = Objective(side, freeze(old_model) if old_model is not None else None)
+    return fit_round(stage, objective, data, train_cfg, seed=seed, run_dir=run_dir, progress=progress, log=log)
+
+
+def task_accuracy(model: nn.Module, data: ArrayDataset, classes: Sequence[int]) -> float:
+    """Task-aware accuracy: on the examples of `classes`, the argmax over those classes' outputs."""
+    sub = task_data(data, classes)
+    logits = predict_logits(model, sub)[:, list(classes)]
+    lookup = {c: i for i, c in enumerate(classes)}
+    labels = torch.tensor([lookup[int(c)] for c in sub.tensors["y"]])
+    return accuracy(logits, labels)
+
+
+def joint_accuracy(model: nn.Module, data: ArrayDataset, classes: Sequence[int]) -> float:
+    """Class-incremental accuracy: on the examples of `classes`, the argmax over every output."""
+    sub = task_data(data, classes)
+    return accuracy(predict_logits(model, sub), sub.tensors["y"])
+
+
+def lifelong(make_model, bundle, old_classes: Sequence[int], new_classes: Sequence[int], train_cfg: TrainConfig, *,
+             old_train: Optional[TrainConfig] = None, lwf_weight: float = 1.0, temperature: float = 2.0,
+             finetune: bool = True, seed: int = 0, run_dir: Optional[Path] = None, progress: bool = False,
+             log=print) -> dict:
+    """Old task, then the new task with LwF (and with plain fine-tuning); returns the models and accuracies."""
+    old_train_data = task_data(bundle.train, old_classes, "old-task")
+    new_train_data = task_data(bundle.train, new_classes, "new-task")
+    old = learn_task(make_model(), old_train_data, old_classes, old_train or train_cfg, seed=seed, stage="old",
+                     run_dir=run_dir, progress=progress, log=log)
+    old = freeze(old)
+    state = {k: v.clone() for k, v in old.state_dict().items()}
+    rounds = {"lwf": dict(old_model=old, keep_classes=old_classes)}
+    if finetune:
+        rounds["finetune"] = {}
+    result = {"old": {"model": old, "old_task": task_accuracy(old, bundle.test, old_classes)}}
+    for name, extra in rounds.items():
+        model = make_model()
+        model.load_state_dict(state)                     # both start from the old model
+        model = learn_task(model, new_train_data, new_classes, train_cfg, lwf_weight=lwf_weight,
+                           temperature=temperature, seed=seed + 1, stage=name, run_dir=run_dir, progress=progress,
+                           log=log, **extra)
+        result[name] = {"model": model, "old_task": task_accuracy(model, bundle.test, old_classes),
+                        "new_task": task_accuracy(model, bundle.test, new_classes),
+                        "old_task_joint": joint_accuracy(model, bundle.test, old_classes),
+                        "new_task_joint": joint_accuracy(model, bundle.test, new_classes)}
+        result[name]["forgetting"] = result["old"]["old_task"] - result[name]["old_task"]
+    return result
+
+
+def run(cfg: RunConfig, run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
+        trust_checkpoint: bool = False) -> dict:
+    s = cfg.scheme
+    bundle, run_dir = prepare(cfg, run_dir)
+    for c in s.old_classes + s.new_classes:
+        if not 0 <= c < bundle.num_classes:
+            raise ConfigError(f"class {c} is not one of the data's classes 0..{bundle.num_classes - 1}",
+                              where="scheme.old_classes/new_classes")
+    result = lifelong(lambda: model_from(cfg.student, bundle, cfg.seed + 202, "student"), bundle, s.old_classes,
+                      s.new_classes, cfg.train, old_train=s.old_train, lwf_weight=s.lwf_weight,
+                      temperature=s.temperature, finetune=s.finetune, seed=cfg.seed + 3, run_dir=run_dir,
+                      progress=progress, log=log)
+    models = {"old model (before the new task)": {"accuracy": result["old"]["old_task"]}}
+    tasks = {"old model": {"old_task_accuracy": result["old"]["old_task"]}}
+    for name, label in (("lwf", "LwF"), ("finetune", "fine-tuning")):
+        if name in result:
+            r = result[name]
+            models[f"{label}: old task"] = {"accuracy": r["old_task"]}
+            models[f"{label}: new task"] = {"accuracy": r["new_task"]}
+            tasks[label] = {k: v for k, v in r.items() if k != "model"}
+    return finish({"scheme": "lifelong", "dataset": bundle.name, "old_classes": s.old_classes,
+                   "new_classes": s.new_classes, "tasks": tasks, "models": models}, run_dir)

@@ -1,0 +1,166 @@
+"""Several teachers at once: one soft target from K frozen teachers of any architectures.
+
+With teacher k's logits z_k, its softened prediction P_k = softmax(z_k / T) and per-sample weights w_k(x)
+(summing to 1 over k), the combined target is ``P(x) = sum_k w_k(x) P_k(x)``. The teacher callable returns
+``T * log P`` as its logits, so that the usual KD loss at temperature T sees exactly P. Weights:
+
+* ``mean``: w_k = 1 / K (the ensemble average of probabilities, Hinton et al. 2015; You et al. 2017);
+* ``weights``: fixed w_k given by the user, normalized to sum 1;
+* ``agreement``: per input, each teacher is weighted by how well it agrees with the consensus of the others
+  (in the spirit of multi-teacher agreement KD: trust a teacher where the rest agree with it)::
+
+      d_k(x) = KL( p_k(x) || mean_{l != k} p_l(x) ),   w_k(x) = softmax_k( -d_k(x) / tau )
+
+  with p_k = softmax(z_k) at temperature 1 and tau the agreement temperature. A teacher that puts its mass where
+  the others put little (a wrong or random teacher) gets a large d_k and a small weight; the divergence from
+  the leave-one-out consensus keeps a teacher from vouching for itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from kdistill.config import RunConfig
+from kdistill.distiller import LOGITS, LiveTeacher, Term
+from kdistill.errors import WiringError
+from kdistill.evaluate import predict_logits
+from kdistill.schemes.common import config_terms, distill, evaluate, finish, model_from, prepare, teacher_from, train_ce
+
+COMBINE = ("mean", "weights", "agreement")
+
+
+def agreement_weights(teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-position teacher weights (K, ...) from stacked logits (K, ..., C): softmax over k of
+    -KL(p_k || mean of the other teachers' p) / temperature, p at softmax temperature 1."""
+    k = teacher_logits.shape[0]
+    if k < 2:
+        raise WiringError("agreement weighting needs at least 2 teachers")
+    log_p = torch.log_softmax(teacher_logits.float(), -1)
+    p = log_p.exp()
+    total = p.sum(0)
+    divergences = []
+    for i in range(k):
+        others = ((total - p[i]) / (k - 1)).clamp_min(1e-12)
+        divergences.append((p[i] * (log_p[i] - others.log())).sum(-1))
+    return torch.softmax(-torch.stack(divergences) / temperature, dim=0)
+
+
+def combine_teachers(teacher_logits: Sequence[torch.Tensor], combine: str = "mean",
+                     weights: Optional[Sequence[float]] = None, temperature: float = 1.0,
+                     agreement_temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(combined logits T * log sum_k w_k softmax(z_k / T), weights (K, ...)). See the module docstring."""
+    if combine not in COMBINE:
+        raise WiringError(f"unknown teacher combination '{combine}'", fix=f"use one of {', '.join(COMBINE)}")
+    stacked = torch.stack([z.float() for z in teacher_logits])
+    k = stacked.shape[0]
+    positions = stacked.shape[1:-1]
+    if combine == "agreement":
+        w = agreement_weights(stacked, agreement_temperature)
+    else:
+        if combine == "weights":
+            if weights is None or len(weights) != k:
+                got = "none" if weights is None else len(weights)
+                raise WiringError(f"combine 'weights' needs {k} weights, got {got}", fix="give one weight per teacher")
+            fixed = torch.as_tensor(weights, dtype=torch.float32, device=stacked.device)
+        else:
+            fixed = torch.ones(k, device=stacked.device)
+        w = (fixed / fixed.sum()).view(k, *([1] * len(positions))).expand(k, *positions)
+    log_probs = torch.log_softmax(stacked / temperature, -1)
+    combined = torch.logsumexp(log_probs + w.clamp_min(1e-30).log().unsqueeze(-1), dim=0)
+    return temperature * combined, w
+
+
+class MultiTeacher:
+    """A teacher callable over K teachers (frozen models, or teacher callables ``batch -> {"logits": ...}``):
+    ``batch -> {"logits": combined, "teacher_weights": (B, K)}``.
+
+    Set `temperature` to the temperature of the KD term that reads these logits."""
+
+    def __init__(self, teachers: Sequence[nn.Module], combine: str = "mean",
+                 weights: Optional[Sequence[float]] = None, temperature: float = 1.0,
+                 agreement_temperature: float = 1.0):
+        if len(teachers) < 2:
+            raise WiringError(f"multi-teacher distillation needs at least 2 teachers, got {len(teachers)}")
+        if combine not in COMBINE:
+            raise WiringError(f"unknown teacher combination '{combine}'", fix=f"use one of {', '.join(COMBINE)}")
+        # models run live (frozen); any other teacher callable (cached, black-box) is used as it is
+        self.teachers = [LiveTeacher(t) if isinstance(t, nn.Module) else t for t in teachers]
+        self.combine, self.weights = combine, weights
+        self.temperature, self.agreement_temperature = temperature, agreement_temperature
+
+    def to(self, device) -> "MultiTeacher":
+        for t in self.teachers:
+            if hasattr(t, "to"):
+                t.to(device)
+        return self
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        outputs = [t(batch)[LOGITS] for t in self.teachers]
+        shapes = {tuple(o.shape) for o in outputs}
+        if len(shapes) != 1:
+            raise WiringError(f"the teachers' outputs differ in shape: {sorted(shapes)}",
+                              fix="every teacher must predict the same classes")
+        with torch.no_grad():
+            logits, w = combine_teachers(outputs, self.combine, self.weights, self.temperature,
+                                         self.agreement_temperature)
+        return {LOGITS: logits, "teacher_weights": w.movedim(0, -1)}
+
+
+def kd_temperature(terms: Sequence[Term]) -> float:
+    """The temperature of the first logit term that has one (1.0 if none): where the teachers are combined."""
+    for term in terms:
+        if term.loss != "ce" and term.teacher == LOGITS and "temperature" in term.params:
+            return float(term.params["temperature"])
+    return 1.0
+
+
+class _CombinedModel(nn.Module):
+    """The combined teachers as a model (for evaluation): x -> log P at temperature 1."""
+
+    def __init__(self, teachers: Sequence[nn.Module], teacher: MultiTeacher):
+        super().__init__()
+        self.members = nn.ModuleList(teachers)
+        self.teacher = teacher
+
+    def forward(self, x):
+        return self.teacher({"x": x})[LOGITS] / self.teacher.temperature
+
+
+def run(cfg: RunConfig, run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
+        trust_checkpoint: bool = False) -> dict:
+    scheme = cfg.scheme
+    bundle, run_dir = prepare(cfg, run_dir)
+    terms, taps = config_terms(cfg)
+    if any(t.teacher != LOGITS for t in terms if t.loss != "ce"):
+        raise WiringError("multi-teacher terms can read only the combined 'logits' of the teachers",
+                          where="distill.terms", fix="drop teacher taps from the terms")
+    teachers = [teacher_from(tc, bundle, cfg.train, seed=cfg.seed + 1000 * (k + 1), stage=f"teacher{k}",
+                             where=f"scheme.teachers[{k}]", run_dir=run_dir, progress=progress, log=log,
+                             trust_checkpoint=trust_checkpoint)
+                for k, tc in enumerate(scheme.teachers)]
+    temperature = kd_temperature(terms)
+    teacher = MultiTeacher(teachers, scheme.combine, scheme.weights, temperature, scheme.agreement_temperature)
+    student = distill("student", model_from(cfg.student, bundle, cfg.seed + 202, "student"), teacher,
+                      bundle.distill_set(), cfg.train, seed=cfg.seed + 3, terms=terms, taps=taps, run_dir=run_dir,
+                      progress=progress, log=log)
+    combined = _CombinedModel(teachers, MultiTeacher(teachers, scheme.combine, scheme.weights, 1.0,
+                                                     scheme.agreement_temperature))
+    combined_logits = predict_logits(combined, bundle.test)
+    models = {f"teacher{k}": evaluate(t, bundle.test, cfg.eval) for k, t in enumerate(teachers)}
+    models[f"teachers combined ({scheme.combine})"] = evaluate(combined, bundle.test, cfg.eval, cost=False)
+    if cfg.baseline:
+        base = train_ce("baseline", model_from(cfg.student, bundle, cfg.seed + 202, "student"), bundle.train,
+                        cfg.train, seed=cfg.seed + 2, run_dir=run_dir, progress=progress, log=log)
+        models["student, no teacher"] = evaluate(base, bundle.test, cfg.eval, reference_logits=combined_logits)
+    models["student"] = evaluate(student, bundle.test, cfg.eval, reference_logits=combined_logits)
+    test_batch = {"x": bundle.test.tensors["x"]}
+    mean_weights = teacher(test_batch)["teacher_weights"].reshape(-1, len(teachers)).mean(0)
+    return finish({"scheme": "multi_teacher", "dataset": bundle.name, "combine": scheme.combine,
+                   "mean_teacher_weights_test": [float(w) for w in mean_weights], "models": models}, run_dir)
+
+
+__all__ = ["MultiTeacher", "agreement_weights", "combine_teachers", "kd_temperature", "run"]

@@ -1,0 +1,127 @@
+"""Online distillation: deep mutual learning (Zhang, Xiang, Hospedales, Lu 2018, "Deep Mutual Learning").
+
+N >= 2 peers start from scratch and train together, with no pre-trained teacher. Peer k minimizes
+
+    L_k = CE(z_k, y) + w * T^2 * KL( mean_{l != k} softmax(z_l / T)  ||  softmax(z_k / T) )
+
+where the target (the average of the other peers' predictions) is treated as a constant for peer k. All peers
+take their step on the same batch at the same time: the peers' parameters are disjoint and each target is
+detached, so one backward of sum_k L_k gives every peer exactly the gradient of its own L_k (the paper alternates
+peer updates within a mini-batch; this is the simultaneous variant). Every peer and the peer ensemble (the mean
+of the peers' probabilities) are evaluated.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from kdistill.config import RunConfig, TrainConfig
+from kdistill.distiller import call_model, logits_of
+from kdistill.errors import WiringError
+from kdistill.evaluate import predict_logits
+from kdistill.losses import ce, kd
+from kdistill.schemes.common import (
+    Objective,
+    ProbabilityEnsemble,
+    SchemeSide,
+    evaluate,
+    finish,
+    fit_round,
+    model_from,
+    prepare,
+    train_ce,
+)
+
+
+def mutual_targets(peer_logits: Sequence[torch.Tensor], temperature: float = 1.0) -> list[torch.Tensor]:
+    """For each peer k, the logits of mean_{l != k} softmax(z_l / T), scaled by T so that a temperature-T
+    softmax of them gives back that mean (the form `kdistill.losses.kd` expects). Detached."""
+    log_probs = torch.stack([torch.log_softmax(z.detach().float() / temperature, -1) for z in peer_logits])
+    n = len(peer_logits)
+    targets = []
+    for k in range(n):
+        others = torch.cat([log_probs[:k], log_probs[k + 1:]])
+        targets.append(temperature * (torch.logsumexp(others, 0) - math.log(n - 1)))
+    return targets
+
+
+class MutualSide(SchemeSide):
+    """The peers as one trainable module: forward -> (ensemble logits, {ce_peer<k>, kl_peer<k>})."""
+
+    def __init__(self, peers: Sequence[nn.Module], temperature: float = 1.0, kl_weight: float = 1.0):
+        super().__init__()
+        if len(peers) < 2:
+            raise WiringError(f"mutual learning needs at least 2 peers, got {len(peers)}", where="scheme.peers")
+        self.peers = nn.ModuleList(peers)
+        self.temperature = temperature
+        self.kl_weight = kl_weight
+        self.step = 0
+        # the ensemble view of the peers; not a registered child, so the state dict holds each weight once
+        object.__setattr__(self, "_ensemble", ProbabilityEnsemble(self.peers))
+
+    @property
+    def student(self) -> nn.Module:
+        return self._ensemble
+
+    def build(self, inputs, teacher_values, labels) -> None:
+        if labels is None:
+            raise WiringError("mutual learning needs labels 'y' (each peer has a CE term)")
+        shapes = {tuple(logits_of(call_model(p, inputs)).shape) for p in self.peers}
+        if len(shapes) != 1:
+            raise WiringError(f"the peers' outputs differ in shape: {sorted(shapes)}", where="scheme.peers",
+                              fix="give every peer the same number of classes")
+
+    def forward(self, inputs, teacher_values, labels):
+        logits = [logits_of(call_model(p, inputs)) for p in self.peers]
+        targets = mutual_targets(logits, self.temperature)
+        terms = {}
+        for k, (z, target) in enumerate(zip(logits, targets)):
+            terms[f"ce_peer{k}"] = ce(z, labels)
+            terms[f"kl_peer{k}"] = self.kl_weight * kd(z, target, self.temperature)
+        with torch.no_grad():
+            ensemble = torch.logsumexp(torch.stack([torch.log_softmax(z.float(), -1) for z in logits]), 0)
+        return ensemble, terms
+
+
+class MutualObjective(Objective):
+    def __init__(self, peers: Sequence[nn.Module], temperature: float = 1.0, kl_weight: float = 1.0):
+        super().__init__(MutualSide(peers, temperature, kl_weight))
+
+    @property
+    def peers(self) -> list[nn.Module]:
+        return list(self.side.peers)
+
+
+def train_mutual(peers: Sequence[nn.Module], data, train_cfg: TrainConfig, *, temperature: float = 1.0,
+                 kl_weight: float = 1.0, seed: int = 0, run_dir: Optional[Path] = None, stage: str = "mutual",
+                 progress: bool = False, log=print) -> ProbabilityEnsemble:
+    """Train `peers` together by deep mutual learning; returns their ensemble (``.members`` are the peers)."""
+    objective = MutualObjective(peers, temperature, kl_weight)
+    return fit_round(stage, objective, data, train_cfg, seed=seed, run_dir=run_dir, progress=progress, log=log)
+
+
+def run(cfg: RunConfig, run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
+        trust_checkpoint: bool = False) -> dict:
+    scheme = cfg.scheme
+    bundle, run_dir = prepare(cfg, run_dir)
+    peer_cfgs = [cfg.student] * scheme.peers if isinstance(scheme.peers, int) else list(scheme.peers)
+    peers = [model_from(pc, bundle, cfg.seed + 202 + 17 * k, f"scheme.peers[{k}]") for k, pc in enumerate(peer_cfgs)]
+    ensemble = train_mutual(peers, bundle.train, cfg.train, temperature=scheme.temperature,
+                            kl_weight=scheme.kl_weight, seed=cfg.seed + 3, run_dir=run_dir, progress=progress,
+                            log=log)
+    models = {}
+    if cfg.baseline:
+        base = model_from(cfg.student, bundle, cfg.seed + 202, "student")
+        base = train_ce("baseline", base, bundle.train, cfg.train, seed=cfg.seed + 2, run_dir=run_dir,
+                        progress=progress, log=log)
+        models["baseline (scratch)"] = evaluate(base, bundle.test, cfg.eval)
+    ensemble_logits = predict_logits(ensemble, bundle.test)
+    for k, peer in enumerate(ensemble.members):
+        models[f"peer{k}"] = evaluate(peer, bundle.test, cfg.eval, reference_logits=ensemble_logits)
+    models["peer ensemble"] = evaluate(ensemble, bundle.test, cfg.eval)
+    return finish({"scheme": "mutual", "dataset": bundle.name, "models": models}, run_dir)

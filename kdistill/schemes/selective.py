@@ -1,0 +1,176 @@
+"""Selective teacher intervention: the teacher speaks only where the student has gone astray.
+
+At each position (a sample of 2-D logits, or a token of 3-D logits (B, T, C)) the divergence between student
+and teacher is measured, detached:
+
+* ``kl``:   KL(softmax(teacher) || softmax(student)) at temperature 1;
+* ``top1``: 1 where their top-1 classes differ, else 0;
+
+and the gated teacher terms count only where ``divergence > threshold(step)``::
+
+    L_term = (1 / N) * sum_{positions i} [d_i > tau(step)] * loss_i
+
+N being the number of valid positions (every sample; for tokens, those whose label is not -100 when labels
+are given), so a position the student already gets right adds nothing and the others weigh as in plain KD.
+``granularity: sample`` on 3-D logits gates whole sequences by their mean token divergence. The threshold
+schedule is ``constant`` (tau) or ``linear`` (from tau to tau_end over the run). Terms on labels (``ce``) and
+on taps are never gated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+
+from kdistill import losses
+from kdistill.config import RunConfig
+from kdistill.distiller import LOGITS, Distiller, StudentSide, Term, _call_loss, logits_of, split_taps
+from kdistill.errors import WiringError
+from kdistill.evaluate import predict_logits
+from kdistill.schemes.common import (
+    config_terms,
+    evaluate,
+    finish,
+    fit_round,
+    model_from,
+    prepare,
+    teacher_from,
+    train_ce,
+)
+
+GATEABLE = ("kd", "kl", "jsd", "skew_kl", "tvd")
+
+
+def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "kl") -> torch.Tensor:
+    """Per-position divergence (shape ``logits.shape[:-1]``) between teacher and student, detached."""
+    s, t = student_logits.detach().float(), teacher_logits.detach().float()
+    if kind == "kl":
+        return losses.kl(s, t, reduction="none")
+    if kind == "top1":
+        return (s.argmax(-1) != t.argmax(-1)).float()
+    raise WiringError(f"unknown divergence '{kind}'", fix="use 'kl' or 'top1'")
+
+
+def threshold_at(step: int, total_steps: int, start: float, end: Optional[float] = None,
+                 schedule: str = "constant") -> float:
+    if schedule == "constant" or end is None:
+        return start
+    if schedule == "linear":
+        return start + (end - start) * min(1.0, step / max(1, total_steps - 1))
+    raise WiringError(f"unknown threshold schedule '{schedule}'", fix="use 'constant' or 'linear'")
+
+
+def intervention_mask(student_logits: torch.Tensor, teacher_logits: torch.Tensor, threshold: float,
+                      kind: str = "kl", granularity: str = "token") -> torch.Tensor:
+    """Bool (positions): where the teacher intervenes. 'sample' on 3-D logits gates whole sequences."""
+    d = divergence(student_logits, teacher_logits, kind)
+    if granularity == "sample" and d.dim() > 1:
+        d = d.flatten(1).mean(1).view(-1, *([1] * (d.dim() - 1))).expand_as(d)
+    return d > threshold
+
+
+class SelectiveSide(StudentSide):
+    """A `StudentSide` whose gated logit terms count only at the positions `intervention_mask` selects."""
+
+    def __init__(self, student, terms: list[Term], student_taps: Mapping[str, str], *, gated: Sequence[str],
+                 kind: str = "kl", threshold: float = 0.1, threshold_end: Optional[float] = None,
+                 schedule: str = "constant", granularity: str = "token", total_steps: int = 1):
+        super().__init__(student, terms, student_taps)
+        self.gated = set(gated)
+        self.kind, self.granularity = kind, granularity
+        self.threshold, self.threshold_end, self.schedule = threshold, threshold_end, schedule
+        self.total_steps = total_steps
+        self.last_fraction: Optional[torch.Tensor] = None   # share of positions the teacher spoke at, last step
+
+    def current_threshold(self) -> float:
+        return threshold_at(self.step, self.total_steps, self.threshold, self.threshold_end, self.schedule)
+
+    def forward(self, inputs: Any, teacher_values: Mapping[str, Any], labels: Optional[torch.Tensor]):
+        out, values = self.run_student(inputs)
+        student_logits = logits_of(out)
+        values[LOGITS] = student_logits
+        teacher_logits = teacher_values[LOGITS]
+        select = intervention_mask(student_logits, teacher_logits, self.current_threshold(), self.kind,
+                                   self.granularity)
+        valid = torch.ones_like(select)
+        if labels is not None and labels.shape == select.shape and select.dim() > 1:
+            valid = labels != -100
+        select = select & valid
+        self.last_fraction = select.float().sum() / valid.float().sum().clamp_min(1)
+        terms = {}
+        for term in self.terms:
+            s = values[term.student]
+            if term.name in self.adapters:
+                s = self.adapters[term.name](s)
+            t = teacher_values.get(term.teacher) if term.loss != "ce" else None
+            if term.name in self.gated:
+                fn = losses.LOSSES[term.loss]
+                per_position = fn(s, t, **{**term.params, "reduction": "none"})
+                value = torch.where(select, per_position, per_position.new_zeros(())).sum() \
+                    / valid.sum().clamp_min(1).to(per_position.dtype)
+            elif term.loss in losses.MODULE_LOSSES:
+                value = self.loss_modules[term.name](s.flatten(1), t.flatten(1))
+            else:
+                value = _call_loss(losses.LOSSES[term.loss], term, s, t, labels)
+            terms[term.name] = value * term.weight_at(self.step)
+        return out, terms
+
+
+class SelectiveDistiller(Distiller):
+    """A `Distiller` whose teacher terms apply only where student and teacher diverge (see the module doc).
+
+    Args:
+        gated: names of the terms to gate (default: every logit term of the teacher: kd, kl, jsd, skew_kl, tvd).
+        divergence: 'kl' or 'top1'; threshold / threshold_end / schedule: the threshold over the run;
+        granularity: 'token' or 'sample' (3-D logits); total_steps: the length of the run (for the schedule).
+    """
+
+    def __init__(self, student, teacher, terms: list[Term], *, gated: Optional[Sequence[str]] = None,
+                 divergence: str = "kl", threshold: float = 0.1, threshold_end: Optional[float] = None,
+                 schedule: str = "constant", granularity: str = "token", total_steps: int = 1,
+                 student_taps: Optional[Mapping[str, str]] = None, teacher_taps: Optional[Mapping[str, str]] = None):
+        super().__init__(student, teacher, terms, student_taps=student_taps, teacher_taps=teacher_taps)
+        candidates = [t.name for t in terms if t.loss in GATEABLE and t.student == LOGITS and t.teacher == LOGITS]
+        gated = list(gated) if gated is not None else candidates
+        wrong = [g for g in gated if g not in candidates]
+        if wrong:
+            raise WiringError(f"cannot gate term(s) {wrong}: only logit terms of the teacher can be gated "
+                              f"({', '.join(GATEABLE)} on 'logits')", where="scheme.terms",
+                              fix=f"choose among {candidates or 'none'}")
+        if not gated:
+            raise WiringError("selective intervention has no teacher term to gate", where="distill.terms",
+                              fix=f"add a logit term ({', '.join(GATEABLE)})")
+        divergence_check = {"kl", "top1"}
+        if divergence not in divergence_check:
+            raise WiringError(f"unknown divergence '{divergence}'", fix="use 'kl' or 'top1'")
+        base = self.side
+        self.side = SelectiveSide(base.student, base.terms, base.student_tap_specs, gated=gated, kind=divergence,
+                                  threshold=threshold, threshold_end=threshold_end, schedule=schedule,
+                                  granularity=granularity, total_steps=total_steps)
+        self.module = self.side
+
+
+def run(cfg: RunConfig, run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
+        trust_checkpoint: bool = False) -> dict:
+    s = cfg.scheme
+    bundle, run_dir = prepare(cfg, run_dir)
+    terms, taps = config_terms(cfg)
+    teacher = teacher_from(cfg.teacher, bundle, cfg.train, seed=cfg.seed, stage="teacher", where="teacher",
+                           run_dir=run_dir, progress=progress, log=log, trust_checkpoint=trust_checkpoint)
+    student_taps, teacher_taps = split_taps(terms, taps)
+    objective = SelectiveDistiller(model_from(cfg.student, bundle, cfg.seed + 202, "student"), teacher, terms,
+                                   gated=s.terms, divergence=s.divergence, threshold=s.threshold,
+                                   threshold_end=s.threshold_end, schedule=s.schedule, granularity=s.granularity,
+                                   total_steps=cfg.train.steps, student_taps=student_taps, teacher_taps=teacher_taps)
+    student = fit_round("student", objective, bundle.distill_set(), cfg.train, seed=cfg.seed + 3, run_dir=run_dir,
+                        progress=progress, log=log)
+    teacher_logits = predict_logits(teacher, bundle.test)
+    models = {"teacher": evaluate(teacher, bundle.test, cfg.eval)}
+    if cfg.baseline:
+        base = train_ce("baseline", model_from(cfg.student, bundle, cfg.seed + 202, "student"), bundle.train,
+                        cfg.train, seed=cfg.seed + 2, run_dir=run_dir, progress=progress, log=log)
+        models["student, no teacher"] = evaluate(base, bundle.test, cfg.eval, reference_logits=teacher_logits)
+    models["student, selective KD"] = evaluate(student, bundle.test, cfg.eval, reference_logits=teacher_logits)
+    return finish({"scheme": "selective", "dataset": bundle.name, "models": models}, run_dir)

@@ -1,0 +1,287 @@
+"""Self-distillation: a model teaches itself.
+
+* **Born-again networks** (Furlanello et al. 2018, "Born Again Neural Networks"): generation 0 learns from the
+  labels; generation k+1, the same architecture freshly initialized, learns from the frozen generation k with
+  the KD objective. Optionally the generations' ensemble (BAN ensemble) is evaluated too.
+* **Be Your Own Teacher** (Zhang et al. 2019): auxiliary classifier exits on intermediate taps; each exit i
+  minimizes ``(1 - alpha) CE(q_i, y) + alpha T^2 KL(softmax(z_C / T) || softmax(z_i / T))``, the final output
+  z_C being the (detached) teacher, while the final classifier learns from the labels. Shallow layers get the
+  exits' gradients; the exported model is the plain student (exits are for evaluation or early exit).
+  (The paper's third term, an L2 hint from the deepest features to each exit's bottleneck, is not included.)
+* **Progressive self-knowledge distillation** (PS-KD, Kim et al. 2021): the target of sample x at epoch t is
+  ``(1 - a_t) * onehot(y) + a_t * p_{t-1}(x)``, p_{t-1}(x) the model's own prediction for x when it last saw x
+  (the previous epoch), ``a_t = alpha_T * t / T`` over T epochs. The snapshot is a buffer of the side, so it is
+  checkpointed and survives a resume (single process: under DDP each rank would need its own store).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from kdistill.config import RunConfig, TrainConfig
+from kdistill.distiller import Term, call_model, logits_of
+from kdistill.errors import WiringError
+from kdistill.evaluate import predict_logits
+from kdistill.losses import ce, kd
+from kdistill.schemes.common import (
+    Objective,
+    ProbabilityEnsemble,
+    SchemeSide,
+    config_terms,
+    distill,
+    evaluate,
+    finish,
+    fit_round,
+    freeze,
+    model_from,
+    prepare,
+    train_ce,
+)
+from kdistill.taps import Taps
+
+
+# -- born-again generations ----------------------------------------------------------------------------------------
+def born_again(make_model: Callable[[int], nn.Module], data, train_cfg: TrainConfig, *, generations: int = 3,
+               terms: Optional[list[Term]] = None, taps: Optional[Mapping[str, str]] = None,
+               gen0: Optional[nn.Module] = None, distill_data=None, seed: int = 0, run_dir: Optional[Path] = None,
+               progress: bool = False, log=print) -> list[nn.Module]:
+    """Generations 0..`generations`: `make_model(k)` builds generation k (same architecture each time);
+    generation 0 learns from the labels of `data` (or is `gen0`, already trained); generation k learns from the
+    frozen generation k - 1 with `terms` (default: Hinton KD) on `distill_data` (default `data`; e.g. data plus
+    an unlabeled transfer set). Returns every generation, frozen."""
+    if gen0 is None:
+        gen0 = train_ce("gen0", make_model(0), data, train_cfg, seed=seed, run_dir=run_dir, progress=progress,
+                        log=log)
+    gens = [freeze(gen0)]
+    distill_data = data if distill_data is None else distill_data
+    for k in range(1, generations + 1):
+        student = distill(f"gen{k}", make_model(k), gens[k - 1], distill_data, train_cfg, seed=seed + k,
+                          terms=terms, taps=taps, run_dir=run_dir, progress=progress, log=log)
+        gens.append(freeze(student))
+    return gens
+
+
+def run_born_again(cfg: RunConfig, run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
+        trust_checkpoint: bool = False) -> dict:
+    scheme = cfg.scheme
+    bundle, run_dir = prepare(cfg, run_dir)
+    terms, taps = config_terms(cfg)
+    gens = born_again(lambda k: model_from(cfg.student, bundle, cfg.seed + 202 + 31 * k, "student"),
+                      bundle.train, cfg.train, generations=scheme.generations, terms=terms, taps=taps,
+                      distill_data=bundle.distill_set(), seed=cfg.seed + 3, run_dir=run_dir, progress=progress, log=log)
+    models = {}
+    previous = None
+    for k, g in enumerate(gens):
+        label = "gen0 (labels only)" if k == 0 else f"gen{k}"
+        models[label] = evaluate(g, bundle.test, cfg.eval, reference_logits=previous)
+        previous = predict_logits(g, bundle.test)
+    if scheme.ensemble and len(gens) > 2:
+        models[f"ensemble gen1..{len(gens) - 1}"] = evaluate(ProbabilityEnsemble(gens[1:]), bundle.test, cfg.eval)
+    return finish({"scheme": "born_again", "dataset": bundle.name, "models": models}, run_dir)
+
+
+# -- be your own teacher: auxiliary exits ---------------------------------------------------------------------------
+class ExitHead(nn.Module):
+    """An auxiliary classifier on an intermediate feature: adaptive pool (conv maps) -> flatten -> MLP."""
+
+    def __init__(self, feature_shape: Sequence[int], num_classes: int, pool: int = 4, hidden: int = 128):
+        super().__init__()
+        dims = len(feature_shape)  # without the batch dimension
+        if dims == 1:
+            self.pool, width = nn.Identity(), feature_shape[0]
+        elif dims == 2:
+            self.pool, width = nn.AdaptiveAvgPool1d(min(pool, feature_shape[1])), \
+                feature_shape[0] * min(pool, feature_shape[1])
+        elif dims == 3:
+            side = (min(pool, feature_shape[1]), min(pool, feature_shape[2]))
+            self.pool, width = nn.AdaptiveAvgPool2d(side), feature_shape[0] * side[0] * side[1]
+        else:
+            raise WiringError(f"an exit needs a feature of shape (B, D), (B, C, L) or (B, C, H, W), got "
+                              f"(B, {', '.join(map(str, feature_shape))})", fix="tap another module")
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(width, hidden), nn.ReLU(),
+                                        nn.Linear(hidden, num_classes))
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(feature))
+
+
+class ByotSide(SchemeSide):
+    """Student + exit heads: forward -> (output, {ce, <exit>_ce, <exit>_kd})."""
+
+    def __init__(self, student: nn.Module, exits: Mapping[str, str], *, alpha: float = 0.5,
+                 temperature: float = 3.0, pool: int = 4, hidden: int = 128):
+        super().__init__()
+        if not exits:
+            raise WiringError("be-your-own-teacher needs at least one exit", where="scheme.exits",
+                              fix="map an exit name to a student module path, e.g. {block1: features.1}")
+        self.student = student
+        self.heads = nn.ModuleDict()
+        self.exits = dict(exits)
+        self.alpha, self.temperature, self.pool, self.hidden = alpha, temperature, pool, hidden
+        self._taps = Taps(student, self.exits)
+        self.step = 0
+
+    def _run(self, inputs):
+        with self._taps:
+            out = call_model(self.student, inputs)
+            features = self._taps.pop()
+        return out, features
+
+    def build(self, inputs, teacher_values, labels) -> None:
+        if labels is None:
+            raise WiringError("be-your-own-teacher needs labels 'y'")
+        out, features = self._run(inputs)
+        num_classes = logits_of(out).shape[-1]
+        for name, feature in features.items():
+            if name not in self.heads:
+                if not torch.is_tensor(feature):
+                    raise WiringError(f"exit '{name}' tap gives a {type(feature).__name__}, not a tensor",
+                                      fix="add a selector, e.g. 'layer:0'")
+                head = ExitHead(tuple(feature.shape[1:]), num_classes, self.pool, self.hidden)
+                self.heads[name] = head.to(feature.device)
+
+    def forward(self, inputs, teacher_values, labels):
+        out, features = self._run(inputs)
+        final = logits_of(out)
+        terms = {"ce": ce(final, labels)}
+        target = final.detach()
+        for name, head in self.heads.items():
+            z = head(features[name])
+            terms[f"{name}_ce"] = (1 - self.alpha) * ce(z, labels)
+            terms[f"{name}_kd"] = self.alpha * kd(z, target, self.temperature)
+        return out, terms
+
+
+class ExitModel(nn.Module):
+    """The student cut at one exit: input -> the exit head's logits (for evaluating an exit)."""
+
+    def __init__(self, student: nn.Module, path: str, head: nn.Module):
+        super().__init__()
+        self.student, self.head = student, head
+        self._taps = Taps(student, {"exit": path})
+
+    def forward(self, x):
+        with self._taps:
+            call_model(self.student, x)
+            feature = self._taps.pop()["exit"]
+        return self.head(feature)
+
+
+class ByotObjective(Objective):
+    def __init__(self, student: nn.Module, exits: Mapping[str, str], **options):
+        super().__init__(ByotSide(student, exits, **options))
+
+    def exit_models(self) -> dict[str, ExitModel]:
+        return {name: ExitModel(self.side.student, self.side.exits[name], head)
+                for name, head in self.side.heads.items()}
+
+
+def train_byot(student: nn.Module, exits: Mapping[str, str], data, train_cfg: TrainConfig, *, alpha: float = 0.5,
+               temperature: float = 3.0, pool: int = 4, hidden: int = 128, seed: int = 0,
+               run_dir: Optional[Path] = None, stage: str = "byot", progress: bool = False,
+               log=print) -> tuple[nn.Module, dict[str, ExitModel]]:
+    """Train `student` with auxiliary exits on `exits` (name -> module path); returns (student, exit models)."""
+    objective = ByotObjective(student, exits, alpha=alpha, temperature=temperature, pool=pool, hidden=hidden)
+    student = fit_round(stage, objective, data, train_cfg, seed=seed, run_dir=run_dir, progress=progress, log=log)
+    return student, objective.exit_models()
+
+
+def run_byot(cfg: RunConfig, run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
+        trust_checkpoint: bool = False) -> dict:
+    s = cfg.scheme
+    bundle, run_dir = prepare(cfg, run_dir)
+    student = model_from(cfg.student, bundle, cfg.seed + 202, "student")
+    student, exit_models = train_byot(student, s.exits, bundle.train, cfg.train, alpha=s.alpha,
+                                      temperature=s.temperature, pool=s.pool, hidden=s.hidden, seed=cfg.seed + 3,
+                                      run_dir=run_dir, progress=progress, log=log)
+    models = {}
+    if cfg.baseline:
+        base = train_ce("baseline", model_from(cfg.student, bundle, cfg.seed + 202, "student"), bundle.train,
+                        cfg.train, seed=cfg.seed + 2, run_dir=run_dir, progress=progress, log=log)
+        models["baseline (no exits)"] = evaluate(base, bundle.test, cfg.eval)
+    final_logits = predict_logits(student, bundle.test)
+    models["student (final exit)"] = evaluate(student, bundle.test, cfg.eval)
+    for name, m in exit_models.items():
+        models[f"exit {name}"] = evaluate(m, bundle.test, cfg.eval, reference_logits=final_logits, cost=False)
+    return finish({"scheme": "byot", "dataset": bundle.name, "models": models}, run_dir)
+
+
+# -- progressive self-knowledge distillation: the previous epoch's predictions as soft targets ----------------------
+class SnapshotSide(SchemeSide):
+    """Student + a per-sample store of its latest logits: forward(x, _, y, index) -> (output, {ce, self_kd})."""
+
+    def __init__(self, student: nn.Module, num_samples: int, steps_per_epoch: int, total_steps: int,
+                 alpha: float = 0.8):
+        super().__init__()
+        self.student = student
+        self.num_samples = num_samples
+        self.steps_per_epoch = max(1, steps_per_epoch)
+        self.total_epochs = max(1, math.ceil(total_steps / self.steps_per_epoch))
+        self.alpha = alpha
+        self.register_buffer("snapshot", torch.zeros(0))
+        self.register_buffer("seen", torch.zeros(0, dtype=torch.bool))
+        self.step = 0
+
+    def alpha_at(self, step: int) -> float:
+        """a_t = alpha_T * t / T, t the epoch of `step` (0-based), T the number of epochs."""
+        return self.alpha * (step // self.steps_per_epoch) / self.total_epochs
+
+    def build(self, inputs, teacher_values, labels, index) -> None:
+        if labels is None or index is None:
+            raise WiringError("snapshot self-distillation needs labels 'y' and sample ids 'index' in each batch",
+                              fix="use an ArrayDataset (it adds 'index') with labels")
+        num_classes = logits_of(call_model(self.student, inputs)).shape[-1]
+        if self.snapshot.shape != (self.num_samples, num_classes):
+            device = next(self.student.parameters()).device
+            self.snapshot = torch.zeros(self.num_samples, num_classes, device=device)
+            self.seen = torch.zeros(self.num_samples, dtype=torch.bool, device=device)
+
+    def forward(self, inputs, teacher_values, labels, index):
+        out = call_model(self.student, inputs)
+        z = logits_of(out)
+        previous = self.snapshot[index]          # a copy: read before this step overwrites it
+        w_soft = self.seen[index].to(z.dtype) * self.alpha_at(self.step)
+        hard = ce(z, labels, reduction="none")
+        soft = -(torch.softmax(previous, -1) * torch.log_softmax(z.float(), -1)).sum(-1)
+        terms = {"ce": ((1 - w_soft) * hard).mean(), "self_kd": (w_soft * soft).mean()}
+        if self.training:
+            with torch.no_grad():
+                self.snapshot[index] = z.detach().float()
+                self.seen[index] = True
+        return out, terms
+
+
+class SnapshotObjective(Objective):
+    def __init__(self, student: nn.Module, num_samples: int, train_cfg: TrainConfig, alpha: float = 0.8):
+        steps_per_epoch = num_samples // train_cfg.batch_size
+        super().__init__(SnapshotSide(student, num_samples, steps_per_epoch, train_cfg.steps, alpha))
+
+    def side_args(self, batch):
+        return batch.get("student_x", batch["x"]), {}, batch.get("y"), batch.get("index")
+
+
+def train_snapshot(student: nn.Module, data, train_cfg: TrainConfig, *, alpha: float = 0.8, seed: int = 0,
+                   run_dir: Optional[Path] = None, stage: str = "snapshot", progress: bool = False,
+                   log=print) -> nn.Module:
+    """Train `student` on labels mixed with its own previous-epoch predictions (PS-KD)."""
+    objective = SnapshotObjective(student, len(data), train_cfg, alpha)
+    return fit_round(stage, objective, data, train_cfg, seed=seed, run_dir=run_dir, progress=progress, log=log)
+
+
+def run_snapshot(cfg: RunConfig, run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
+        trust_checkpoint: bool = False) -> dict:
+    bundle, run_dir = prepare(cfg, run_dir)
+    student = train_snapshot(model_from(cfg.student, bundle, cfg.seed + 202, "student"), bundle.train, cfg.train,
+                             alpha=cfg.scheme.alpha, seed=cfg.seed + 3, run_dir=run_dir, progress=progress, log=log)
+    models = {}
+    if cfg.baseline:
+        base = train_ce("baseline", model_from(cfg.student, bundle, cfg.seed + 202, "student"), bundle.train,
+                        cfg.train, seed=cfg.seed + 2, run_dir=run_dir, progress=progress, log=log)
+        models["baseline (labels only)"] = evaluate(base, bundle.test, cfg.eval)
+    models["student (PS-KD)"] = evaluate(student, bundle.test, cfg.eval)
+    return finish({"scheme": "snapshot", "dataset": bundle.name, "models": models}, run_dir)

@@ -1,0 +1,210 @@
+"""Specialist ensembles (Hinton, Vinyals, Dean 2015, "Distilling the Knowledge in a Neural Network", sec. 5).
+
+1. A generalist (the configured teacher) is trained (or loaded).
+2. Confusable class groups are read from the generalist's soft confusion matrix on the training data,
+   ``M[i, j] = mean over x of class i of p_j(x)`` (soft, so it has structure even where the generalist is
+   right): the most confused pair starts a group, which grows by the class most confused with it.
+3. A specialist per group learns |group| + 1 classes: the group's classes and a *dustbin* for everything else.
+   Its training set is every example of its group plus `dustbin_ratio` times as many random others (as the
+   dustbin), so half its data (ratio 1) is from its group; it starts from the generalist's weights where shapes
+   match.
+4. Generalist + specialists form the teacher. For input x, the active specialists A are those whose group meets
+   the generalist's top-k classes; the teacher's distribution q solves (Hinton et al., eq. 5)::
+
+       q = argmin_q  KL(p_g || q) + sum_{m in A} KL(p_m || q_m)
+
+   where q_m is q coarsened to specialist m's classes (its group's classes, and the dustbin holding the mass
+   of all others). Each term is the likelihood of a coarsening of q, so the minimizer is found by the EM
+   fixed-point iteration ``q_j <- (p_g_j + sum_{m in A} q_j p_m[a_m(j)] / q_m[a_m(j)]) / (1 + |A|)``
+   (monotone, and exact at its fixed point: the objective is convex in q). With no active specialist q = p_g.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from kdistill.config import RunConfig
+from kdistill.data import ArrayDataset
+from kdistill.distiller import call_model, logits_of
+from kdistill.errors import ConfigError, WiringError
+from kdistill.evaluate import accuracy, predict_logits
+from kdistill.schemes.common import (
+    config_terms,
+    distill,
+    evaluate,
+    finish,
+    freeze,
+    model_from,
+    prepare,
+    teacher_from,
+    train_ce,
+)
+
+
+def soft_confusion(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """M[i, j] = mean predicted probability of class j over the examples of class i."""
+    probs = torch.softmax(logits.float(), -1)
+    m = torch.zeros(num_classes, num_classes)
+    for i in range(num_classes):
+        rows = labels == i
+        if rows.any():
+            m[i] = probs[rows].mean(0)
+    return m
+
+
+def confusable_groups(confusion: torch.Tensor, num_groups: int, group_size: int) -> list[list[int]]:
+    """Disjoint groups of `group_size` classes, greedily by symmetric confusion (off-diagonal M + M^T)."""
+    c = confusion.shape[0]
+    if num_groups * group_size > c:
+        raise ConfigError(f"{num_groups} groups of {group_size} classes need {num_groups * group_size} classes, "
+                          f"the data has {c}", where="scheme.num_specialists",
+                          fix="lower num_specialists or group_size")
+    s = (confusion + confusion.T).clone().double()
+    s.fill_diagonal_(-1.0)
+    free = set(range(c))
+    groups = []
+    for _ in range(num_groups):
+        sub = torch.full_like(s, -2.0)
+        idx = torch.tensor(sorted(free))
+        sub[idx[:, None], idx[None, :]] = s[idx[:, None], idx[None, :]]
+        i, j = divmod(int(sub.argmax()), c)
+        group = [i, j]
+        free -= {i, j}
+        while len(group) < group_size:
+            best = max(sorted(free), key=lambda k: float(s[k, group].sum()))
+            group.append(best)
+            free.discard(best)
+        groups.append(sorted(group))
+    return groups
+
+
+def specialist_data(data: ArrayDataset, group: Sequence[int], num_classes: int, *, dustbin_ratio: float = 1.0,
+                    seed: int = 0) -> ArrayDataset:
+    """The training set of a specialist: every labelled example of `group` (label = position in the group) and
+    round(dustbin_ratio * that many) random other labelled examples (label = len(group), the dustbin)."""
+    y = data.tensors["y"]
+    lookup = torch.full((num_classes,), len(group), dtype=torch.long)
+    lookup[torch.as_tensor(list(group))] = torch.arange(len(group))
+    labelled = y != -100
+    in_group = labelled & torch.isin(y, torch.as_tensor(list(group)))
+    inside = in_group.nonzero().flatten()
+    outside = (labelled & ~in_group).nonzero().flatten()
+    g = torch.Generator().manual_seed(seed)
+    n_out = min(len(outside), int(round(dustbin_ratio * len(inside))))
+    chosen = torch.cat([inside, outside[torch.randperm(len(outside), generator=g)[:n_out]]]).sort().values
+    rows = {k: v[chosen] for k, v in data.tensors.items() if k != "index"}
+    rows["y"] = lookup[y[chosen]]
+    rows["source_index"] = data.tensors["index"][chosen]
+    return ArrayDataset(rows, f"{data.name}-specialist-{'-'.join(map(str, group))}")
+
+
+def combine_specialists(generalist_probs: torch.Tensor, specialist_probs: Sequence[torch.Tensor],
+                        groups: Sequence[Sequence[int]], active: torch.Tensor, iterations: int = 100) -> torch.Tensor:
+    """The distribution q (B, C) minimizing KL(p_g || q) + sum over active m of KL(p_m || q_m) (EM iteration).
+
+    Args:
+        generalist_probs: p_g (B, C).
+        specialist_probs: p_m (B, |group_m| + 1) per specialist, the dustbin last.
+        groups: the classes of each specialist.
+        active: bool (M, B), whether specialist m takes part for each input.
+    """
+    p_g = generalist_probs.double()
+    c = p_g.shape[-1]
+    maps = []
+    for group in groups:
+        a = torch.zeros(c, len(group) + 1, dtype=torch.float64, device=p_g.device)
+        a[:, len(group)] = 1.0
+        a[list(group), len(group)] = 0.0
+        a[list(group), torch.arange(len(group))] = 1.0
+        maps.append(a)
+    act = active.double()
+    count = 1.0 + act.sum(0)[:, None]
+    q = p_g.clone()
+    for _ in range(iterations):
+        numerator = p_g.clone()
+        for m, (p_m, a) in enumerate(zip(specialist_probs, maps)):
+            q_m = (q @ a).clamp_min(1e-300)
+            numerator += act[m][:, None] * q * ((p_m.double() / q_m) @ a.T)
+        q = numerator / count
+    return q.to(generalist_probs.dtype)
+
+
+class SpecialistEnsemble(nn.Module):
+    """Generalist + specialists as one teacher model: x -> log q (see the module docstring)."""
+
+    def __init__(self, generalist: nn.Module, specialists: Sequence[nn.Module], groups: Sequence[Sequence[int]],
+                 top_k: int = 2, iterations: int = 100):
+        super().__init__()
+        if len(specialists) != len(groups):
+            raise WiringError(f"{len(specialists)} specialists for {len(groups)} groups")
+        self.generalist = generalist
+        self.specialists = nn.ModuleList(specialists)
+        self.groups = [list(g) for g in groups]
+        self.top_k, self.iterations = top_k, iterations
+
+    def active(self, generalist_probs: torch.Tensor) -> torch.Tensor:
+        """(M, B): specialist m is active for x when its group meets the generalist's top-k classes of x."""
+        top = generalist_probs.topk(min(self.top_k, generalist_probs.shape[-1]), -1).indices
+        return torch.stack([torch.isin(top, torch.as_tensor(g, device=top.device)).any(-1) for g in self.groups])
+
+    def forward(self, x):
+        p_g = torch.softmax(logits_of(call_model(self.generalist, x)).float(), -1)
+        p_s = [torch.softmax(logits_of(call_model(s, x)).float(), -1) for s in self.specialists]
+        q = combine_specialists(p_g, p_s, self.groups, self.active(p_g), self.iterations)
+        return q.clamp_min(1e-30).log()
+
+
+def copy_matching(source: nn.Module, target: nn.Module) -> int:
+    """Copy every tensor of `source` whose name and shape match into `target`; returns how many."""
+    own = target.state_dict()
+    take = {k: v for k, v in source.state_dict().items() if k in own and own[k].shape == v.shape}
+    target.load_state_dict(take, strict=False)
+    return len(take)
+
+
+def run(cfg: RunConfig, run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
+        trust_checkpoint: bool = False) -> dict:
+    s = cfg.scheme
+    bundle, run_dir = prepare(cfg, run_dir)
+    terms, taps = config_terms(cfg)
+    generalist = teacher_from(cfg.teacher, bundle, cfg.train, seed=cfg.seed, stage="teacher", where="teacher",
+                              run_dir=run_dir, progress=progress, log=log, trust_checkpoint=trust_checkpoint)
+    train_logits = predict_logits(generalist, bundle.train)
+    confusion = soft_confusion(train_logits, bundle.train.tensors["y"], bundle.num_classes)
+    groups = confusable_groups(confusion, s.num_specialists, s.group_size)
+    log(f"[specialists] confusable groups: {groups}")
+    spec_cfg = s.specialist or cfg.teacher
+    spec_train = s.specialist_train or cfg.teacher.train or cfg.train
+    specialists = []
+    for m, group in enumerate(groups):
+        model = model_from(spec_cfg, bundle, cfg.seed + 303 + m, "scheme.specialist", num_classes=len(group) + 1)
+        copy_matching(generalist, model)
+        data = specialist_data(bundle.train, group, bundle.num_classes, dustbin_ratio=s.dustbin_ratio,
+                               seed=cfg.seed + m)
+        specialists.append(freeze(train_ce(f"specialist{m}", model, data, spec_train, seed=cfg.seed + 40 + m,
+                                           run_dir=run_dir, progress=progress, log=log)))
+    teacher = SpecialistEnsemble(generalist, specialists, groups, s.top_k).eval()
+    student = distill("student", model_from(cfg.student, bundle, cfg.seed + 202, "student"), teacher,
+                      bundle.distill_set(), cfg.train, seed=cfg.seed + 3, terms=terms, taps=taps, run_dir=run_dir,
+                      progress=progress, log=log)
+    teacher_logits = predict_logits(teacher, bundle.test)
+    models = {"generalist": evaluate(generalist, bundle.test, cfg.eval),
+              "generalist + specialists": evaluate(teacher, bundle.test, cfg.eval, cost=False)}
+    if cfg.baseline:
+        base = train_ce("baseline", model_from(cfg.student, bundle, cfg.seed + 202, "student"), bundle.train,
+                        cfg.train, seed=cfg.seed + 2, run_dir=run_dir, progress=progress, log=log)
+        models["student, no teacher"] = evaluate(base, bundle.test, cfg.eval, reference_logits=teacher_logits)
+    models["student"] = evaluate(student, bundle.test, cfg.eval, reference_logits=teacher_logits)
+    within = {}
+    for m, (group, spec) in enumerate(zip(groups, specialists)):
+        test = specialist_data(bundle.test, group, bundle.num_classes, dustbin_ratio=0.0)
+        logits = predict_logits(spec, test)[:, :len(group)]
+        gen_logits = predict_logits(generalist, test)[:, group]
+        within[f"specialist{m}"] = {"group": group, "accuracy_within_group": accuracy(logits, test.tensors["y"]),
+                                    "generalist_within_group": accuracy(gen_logits, test.tensors["y"])}
+    return finish({"scheme": "specialists", "dataset": bundle.name, "groups": groups, "specialists": within,
+                   "models": models}, run_dir)

@@ -1,0 +1,84 @@
+"""Shared pieces of the reliability tests: a seconds-long deterministic config and ways to run the CLI."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from kdistill.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = "tests.reliability_models:mlp"
+
+# digits (1797 samples, generated in milliseconds) with every stage: teacher (trained), baseline, student; the
+# models come from tests/reliability_models.py so that faults can be injected by environment variables
+CONFIG = {
+    "seed": 0,
+    "data": {"name": "digits"},
+    "teacher": {"name": MODELS, "kwargs": {"hidden": [32], "role": "teacher"},
+                "train": {"steps": 30, "batch_size": 32, "log_every": 1, "checkpoint_every": 4}},
+    "student": {"name": MODELS, "kwargs": {"hidden": [16]}},
+    "distill": {"alpha": 0.9, "temperature": 2.0},
+    "train": {"steps": 30, "batch_size": 32, "log_every": 1, "checkpoint_every": 7, "eval_every": 10,
+              "deterministic": True},
+    "eval": {"latency_repeats": 1, "throughput_batch": 8},
+}
+STEPS = 30
+WEIGHTS = ("teacher.safetensors", "baseline.safetensors", "student.safetensors")
+
+
+def config(**over) -> dict:
+    cfg = copy.deepcopy(CONFIG)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def write_config(folder: Path, cfg: dict | None = None) -> Path:
+    path = Path(folder) / "config-in.yaml"
+    path.write_text(yaml.safe_dump(cfg or CONFIG, sort_keys=False))
+    return path
+
+
+def run_inprocess(args: list[str], capsys) -> tuple[int, str, str]:
+    """`kdistill ARGS` in this process: (exit code, stdout, stderr)."""
+    from tests import reliability_models
+
+    reliability_models.reset_counts()
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def cli_command(*args) -> list[str]:
+    return [sys.executable, "-m", "kdistill.cli", *[str(a) for a in args]]
+
+
+def cli_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KDISTILL_TEST_")}
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra})
+    return env
+
+
+def run_subprocess(*args, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    """`python -m kdistill.cli ARGS` in a fresh process (the way a user runs it), from the repository root."""
+    return subprocess.run(cli_command(*args), cwd=REPO, env=cli_env(**env), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def leftovers(run_dir: Path) -> list[str]:
+    """Half-written files or folders (``*.tmp``) anywhere in a run directory."""
+    return sorted(str(p.relative_to(run_dir)) for p in Path(run_dir).rglob("*") if p.name.endswith(".tmp"))

@@ -1,0 +1,203 @@
+"""Exact resume: a run killed at any moment (SIGKILL in any stage, SIGTERM, SIGINT, a kill during a checkpoint
+write or between a stage's last checkpoint and its weights file) and run again ends with the same bytes as an
+uninterrupted run: weights files of every stage and metrics.jsonl (deterministic mode, `train.deterministic`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from kdistill.cli import main
+from kdistill.engine.checkpoint import list_checkpoints, step_of
+
+from tests import reliability_models
+from tests.reliability_support import (STEPS, WEIGHTS, cli_command, cli_env, digest, leftovers, run_inprocess,
+                                       run_subprocess, write_config)
+
+SEED = 20240611  # the kill points are drawn from this seed (printed in failure messages)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted run (in this process): its weights digests and metrics lines."""
+    folder = tmp_path_factory.mktemp("reference")
+    cfg = write_config(folder)
+    reliability_models.reset_counts()
+    assert main(["run", str(cfg), "--out", str(folder / "run"), "--no-progress"]) == 0
+    run = folder / "run"
+    return {"config": cfg, "dir": run, "weights": {w: digest(run / w) for w in WEIGHTS},
+            "metrics": (run / "metrics.jsonl").read_text()}
+
+
+def assert_same_as_reference(run_dir: Path, reference: dict, context: str) -> None:
+    for w in WEIGHTS:
+        assert digest(run_dir / w) == reference["weights"][w], f"{w} differs ({context})"
+    assert (run_dir / "metrics.jsonl").read_text() == reference["metrics"], f"metrics.jsonl differs ({context})"
+    assert leftovers(run_dir) == [], context
+
+
+def latest_step(run_dir: Path, stage: str) -> int:
+    found = list_checkpoints(run_dir / "checkpoints" / stage)
+    return step_of(found[-1]) if found else 0
+
+
+def test_sigkill_in_each_stage_then_resume_is_bit_identical(tmp_path, reference, capsys):
+    """Three SIGKILLs at seeded random steps (teacher, baseline, student stage), each resumed by a new process."""
+    rng = random.Random(SEED)
+    run_dir = tmp_path / "run"
+    cfg = reference["config"]
+    kills = []
+    # 1) the teacher stage: killed in the forward of its k-th step
+    k = rng.randint(2, STEPS - 1)
+    proc = run_subprocess("run", cfg, "--out", run_dir, "--no-progress", KDISTILL_TEST_KILL=f"teacher:{k}")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not (run_dir / "teacher.safetensors").exists() and latest_step(run_dir, "teacher") == (k - 1) // 4 * 4
+    kills.append(("teacher", k))
+    # 2) the baseline stage (the first student-role model trained in the process): the teacher stage resumes
+    k = rng.randint(1, STEPS - 1)
+    proc = run_subprocess("run", cfg, "--out", run_dir, "--no-progress", KDISTILL_TEST_KILL=f"student:{k}")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert "[teacher] resumed from" in proc.stdout and (run_dir / "teacher.safetensors").is_file()
+    assert not (run_dir / "baseline.safetensors").exists()
+    kills.append(("baseline", k))
+    # 3) the student stage: after the rest of the baseline stage (resumed from its newest checkpoint)
+    resumed_at = latest_step(run_dir, "baseline")
+    k = rng.randint(1, STEPS - 1)
+    proc = run_subprocess("run", cfg, "--out", run_dir, "--no-progress",
+                          KDISTILL_TEST_KILL=f"student:{STEPS - resumed_at + k}")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (run_dir / "baseline.safetensors").is_file() and not (run_dir / "student.safetensors").exists()
+    kills.append(("student", k))
+    # 4) the last run finishes
+    code, out, err = run_inprocess(["run", cfg, "--out", run_dir, "--no-progress"], capsys)
+    assert code == 0, err
+    assert "[student] resumed from" in out or latest_step(run_dir, "student") == STEPS
+    assert_same_as_reference(run_dir, reference, f"kills at {kills}")
+
+
+def test_external_sigkill_at_a_random_moment(tmp_path, reference, capsys):
+    """SIGKILL from outside as soon as a seeded random (stage, step) shows in metrics.jsonl: it lands wherever
+    the process is then (a step, an evaluation, a checkpoint write, a stage change)."""
+    rng = random.Random(SEED + 1)
+    stage, step = rng.choice(["teacher", "baseline", "student"]), rng.randint(1, 20)
+    run_dir = tmp_path / "run"
+    metrics = run_dir / "metrics.jsonl"
+    proc = subprocess.Popen(cli_command("run", reference["config"], "--out", run_dir, "--no-progress"),
+                            cwd=Path(__file__).resolve().parents[1], env=cli_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    target = f'"stage": "{stage}", "step": {step},'
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if metrics.is_file() and target in metrics.read_text():
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.002)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill ({stage} step {step})"
+    code, out, err = run_inprocess(["run", reference["config"], "--out", run_dir, "--no-progress"], capsys)
+    assert code == 0, err
+    assert_same_as_reference(run_dir, reference, f"external kill after {stage} step {step}")
+
+
+def test_sigterm_and_sigint_checkpoint_exit_cleanly_and_print_the_resume_command(tmp_path, reference, capsys):
+    run_dir = tmp_path / "run"
+    cfg = reference["config"]
+    # SIGTERM (a preemption) at baseline step 11, in a separate process
+    proc = run_subprocess("run", cfg, "--out", run_dir, "--no-progress", KDISTILL_TEST_KILL="student:11:SIGTERM")
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1] == (f"kdistill: stopped by SIGTERM at step 11 of stage 'baseline'; a checkpoint was written: "
+                         f"resume with: kdistill run {run_dir}"), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert latest_step(run_dir, "baseline") == 11
+    # SIGINT (Ctrl-C) at student step 5, in this process
+    os.environ["KDISTILL_TEST_KILL"] = f"student:{STEPS - 11 + 5}:SIGINT"
+    try:
+        code, out, err = run_inprocess(["run", cfg, "--out", run_dir, "--no-progress"], capsys)
+    finally:
+        del os.environ["KDISTILL_TEST_KILL"]
+    assert code == 128 + signal.SIGINT
+    assert err.strip() == (f"kdistill: stopped by SIGINT at step 5 of stage 'student'; a checkpoint was written: "
+                           f"resume with: kdistill run {run_dir}")
+    assert latest_step(run_dir, "student") == 5
+    # the printed command resumes the run and ends where the uninterrupted run ends
+    code, out, err = run_inprocess(["run", run_dir, "--no-progress"], capsys)
+    assert code == 0, err
+    assert "[student] resumed from" in out
+    assert_same_as_reference(run_dir, reference, "SIGTERM then SIGINT")
+
+
+def copy_run(reference: dict, dest: Path) -> Path:
+    shutil.copytree(reference["dir"], dest)
+    return dest
+
+
+def test_kill_after_the_last_checkpoint_before_the_weights_file(tmp_path, reference, capsys):
+    """A kill between a stage's final checkpoint and its weights file: the stage resumes at its last step."""
+    run_dir = copy_run(reference, tmp_path / "run")
+    for name in ("student.safetensors", "summary.json"):
+        (run_dir / name).unlink()
+    code, out, err = run_inprocess(["run", run_dir, "--no-progress"], capsys)
+    assert code == 0, err
+    assert f"resumed from {run_dir / 'checkpoints' / 'student' / f'step-{STEPS:08d}'}" in out
+    assert_same_as_reference(run_dir, reference, "kill before student.safetensors")
+
+
+def test_kill_during_a_checkpoint_write_and_a_torn_metrics_line(tmp_path, reference, capsys):
+    """State after a kill in the middle of writing the student's final checkpoint: a half-written ``.tmp``
+    folder (truncated weights, no meta.json), no weights file, and a torn last line in metrics.jsonl."""
+    run_dir = copy_run(reference, tmp_path / "run")
+    ckpts = run_dir / "checkpoints" / "student"
+    final = ckpts / f"step-{STEPS:08d}"
+    half = final.with_name(final.name + ".tmp")
+    final.rename(half)
+    (half / "meta.json").unlink()
+    model = half / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:100])
+    (run_dir / "student.safetensors").unlink()
+    (run_dir / "summary.json").unlink()
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    last_student = max(i for i, line in enumerate(lines) if '"stage": "student"' in line)
+    metrics.write_text("\n".join(lines[:last_student]) + "\n" + lines[last_student][:37])  # torn mid-record
+    code, out, err = run_inprocess(["run", run_dir, "--no-progress"], capsys)
+    assert code == 0, err
+    assert "[student] resumed from" in out and "step-00000028" in out
+    assert_same_as_reference(run_dir, reference, "kill during a checkpoint write")
+
+
+def test_damaged_newest_checkpoint_falls_back_and_still_ends_identical(tmp_path, reference, capsys):
+    run_dir = copy_run(reference, tmp_path / "run")
+    newest = run_dir / "checkpoints" / "student" / f"step-{STEPS:08d}"
+    data = bytearray((newest / "model.safetensors").read_bytes())
+    data[-5] ^= 0xFF  # one flipped bit pattern in a weight
+    (newest / "model.safetensors").write_bytes(bytes(data))
+    (run_dir / "student.safetensors").unlink()
+    code, out, err = run_inprocess(["run", run_dir, "--no-progress"], capsys)
+    assert code == 0, err
+    assert "model.safetensors checksum mismatch" in out and "falling back" in out
+    assert "resumed from" in out and "step-00000028" in out
+    assert "Traceback" not in out + err
+    assert_same_as_reference(run_dir, reference, "damaged newest checkpoint")
+
+
+def test_damaged_stage_weights_file_is_recreated_from_its_checkpoint(tmp_path, reference, capsys):
+    run_dir = copy_run(reference, tmp_path / "run")
+    (run_dir / "teacher.safetensors").write_bytes((run_dir / "teacher.safetensors").read_bytes()[:-40])
+    code, out, err = run_inprocess(["run", run_dir, "--no-progress"], capsys)
+    assert code == 0, err
+    assert "warning: cannot read weights" in out and "re-creating it" in out
+    assert_same_as_reference(run_dir, reference, "truncated teacher.safetensors")
+    assert json.loads((run_dir / "summary.json").read_text())["student"]["accuracy"] > 0
