@@ -44,7 +44,7 @@ def test_terms_from_config_are_logged_by_name_with_the_warmup_ramp(tmp_path):
     # per-step record kd_b / kd_a = min(step / 4, 1) exactly. A hint pairs the student's hidden layer (B, 16)
     # with the teacher's flattened maps (B, 80) through a linear adapter.
     cfg = tiny_config(
-        baseline=False,
+        baseline=False, data={"train_size": 512, "transfer": {"size": 0}},
         distill={"taps": {"s_hidden": "2", "t_flat": "flatten"},
                  "terms": [{"name": "ce", "loss": "ce", "weight": 0.5},
                            {"name": "kd_a", "loss": "kd", "params": {"temperature": 2.0}},
@@ -65,7 +65,7 @@ def test_terms_from_config_are_logged_by_name_with_the_warmup_ramp(tmp_path):
 
 
 def test_unknown_tap_path_is_a_tap_error_naming_close_modules_before_any_training(tmp_path):
-    cfg = tiny_config(distill={"taps": {"t_maps": "featres"},
+    cfg = tiny_config(data={"train_size": 512, "transfer": {"size": 0}}, distill={"taps": {"t_maps": "featres"},
                                "terms": [{"loss": "ce"}, {"loss": "at", "student": "t_maps", "teacher": "t_maps"}]})
     with pytest.raises(TapError) as err:
         run(parse_config(cfg), tmp_path, progress=False, log=lambda m: None)

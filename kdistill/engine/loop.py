@@ -157,9 +157,10 @@ class MetricsLog:
                               fix="free disk space or make the run directory writable, then run the same command "
                                   "again (earlier checkpoints are intact)") from None
 
-    def drop_after(self, stage: str, step: int) -> None:
+    def drop_after(self, stage: str, step: int, evals_at_step: bool = False) -> None:
         """At the start of a stage (step 0 or a resumed step): forget records of `stage` past `step` (a killed
-        run's, logged again now) and any torn line a kill left; the file is replaced atomically."""
+        run's, logged again now; with `evals_at_step` also the evaluation at `step`, which a run resumed at its
+        last step repeats) and any torn line a kill left; the file is replaced atomically."""
         if not self.enabled or not self.path.is_file():
             return
         keep = []
@@ -168,7 +169,8 @@ class MetricsLog:
                 rec = json.loads(line)
             except ValueError:
                 continue  # a torn last line from a kill
-            if rec.get("stage") == stage and rec.get("step", 0) > step:
+            if rec.get("stage") == stage and (rec.get("step", 0) > step
+                                              or (evals_at_step and rec.get("step") == step and "eval" in rec)):
                 continue
             keep.append(json.dumps(rec))
         atomic_write_bytes(self.path, "".join(k + "\n" for k in keep).encode())
@@ -296,12 +298,12 @@ class Engine:
                              f"{world}: training continues, but not bit-identically to an uninterrupted run")
                 if acc.is_main_process:
                     self.log(f"[{self.stage}] resumed from {ck['path']} (step {start})")
-        metrics.drop_after(self.stage, start)
+        metrics.drop_after(self.stage, start, evals_at_step=start == cfg.steps)
         writer = CheckpointWriter(ckpt_dir, cfg.keep_checkpoints, rank, acc.wait_for_everyone) \
             if ckpt_dir is not None else None
 
-        window_sums = {k: v.to(device) for k, v in window.get("sums", {}).items()}
-        guard = _StepWindow(self.stage, window_sums, int(window.get("count", 0)))
+        carried = [(int(at), {k: v.to(device) for k, v in terms.items()}) for at, terms in window.get("entries", [])]
+        guard = _StepWindow(self.stage, carried)
         written: list[int] = []
 
         def checkpoint(step: int) -> None:
@@ -430,12 +432,12 @@ class _StepWindow:
     tensor op). `check` finds the first non-finite step and its terms, or non-finite weights left by a
     non-finite gradient; `flush` gives the window's means for the log and starts a new window."""
 
-    def __init__(self, stage: str, carry_sums: Optional[dict] = None, carry_count: int = 0):
+    def __init__(self, stage: str, carried: Optional[list] = None):
         self.stage = stage
-        self.entries: list[tuple[int, dict[str, torch.Tensor]]] = []
-        self.carry_sums = dict(carry_sums or {})  # from a checkpoint taken mid-window
-        self.carry_count = carry_count
-        self.checked = 0  # entries already verified finite
+        # entries of a checkpoint taken mid-window (verified before it was written): the resumed run's means are
+        # computed from the same values in the same order as the uninterrupted run's
+        self.entries: list[tuple[int, dict[str, torch.Tensor]]] = list(carried or [])
+        self.checked = len(self.entries)  # entries already verified finite
 
     def add(self, step: int, terms: dict[str, torch.Tensor]) -> None:
         self.entries.append((step, terms))
@@ -468,20 +470,19 @@ class _StepWindow:
         self.checked = len(self.entries)
 
     def _sums(self) -> tuple[dict[str, torch.Tensor], int]:
-        sums = dict(self.carry_sums)
+        sums: dict[str, torch.Tensor] = {}
         if self.entries:
             keys, values = self._stacked(self.entries)
-            for k, v in zip(keys, values.sum(dim=0)):
-                sums[k] = sums[k] + v if k in sums else v
-        return sums, self.carry_count + len(self.entries)
+            sums = dict(zip(keys, values.sum(dim=0)))
+        return sums, len(self.entries)
 
     def state(self) -> dict:
-        sums, count = self._sums()
-        return {"sums": {k: v.detach().cpu() for k, v in sums.items()}, "count": count}
+        """The window's entries for a checkpoint (plain tensors, loadable with weights_only=True)."""
+        return {"entries": [[at, {k: v.detach().cpu() for k, v in terms.items()}] for at, terms in self.entries]}
 
     def flush(self) -> dict[str, float]:
         sums, count = self._sums()
-        self.entries, self.carry_sums, self.carry_count, self.checked = [], {}, 0, 0
+        self.entries, self.checked = [], 0
         return {k: float(v) / count for k, v in sums.items()} if count else {}
 
 
