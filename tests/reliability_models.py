@@ -5,7 +5,8 @@
 at the n-th training-mode forward of the models of that role (eval-mode forwards such as dry runs, teacher
 calls and evaluation are not counted; with grad_accum 1 the n-th forward is the n-th optimizer step of that
 role, counted across stages in the process). ``KDISTILL_TEST_NAN_AT`` = ``"<role>:<n>"`` makes the n-th
-training forward return NaN logits. Without these variables it is exactly `kdistill.models.MLP`.
+training forward return NaN logits, ``KDISTILL_TEST_NANGRAD_AT`` (same form) gives finite logits with a NaN
+gradient. Without these variables it is exactly `kdistill.models.MLP`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ class FaultyMLP(MLP):
                 os.kill(os.getpid(), getattr(signal, name))
             if _fault("KDISTILL_TEST_NAN_AT", self.role) == n:
                 return super().forward(x) * float("nan")
+            if _fault("KDISTILL_TEST_NANGRAD_AT", self.role) == n:
+                # value 0, gradient 0 * d sqrt(u)/du at u = 0 = 0 * inf = NaN: a finite loss, a NaN gradient
+                w = self[1].weight
+                return super().forward(x) + 0 * torch.sqrt(w - w.detach()).sum()
         return super().forward(x)
 
 

@@ -19,8 +19,9 @@ from kdistill.cli import main
 from kdistill.engine.checkpoint import list_checkpoints, step_of
 
 from tests import reliability_models
-from tests.reliability_support import (STEPS, WEIGHTS, cli_command, cli_env, digest, leftovers, run_inprocess,
-                                       run_subprocess, write_config)
+from tests.reliability_support import (REPO, STEPS, WEIGHTS, cli_command, cli_env, digest, leftovers,
+                                       config, run_inprocess, run_subprocess, write_config,
+                                       write_idx_dataset)
 
 SEED = 20240611  # the kill points are drawn from this seed (printed in failure messages)
 
@@ -29,7 +30,7 @@ SEED = 20240611  # the kill points are drawn from this seed (printed in failure 
 def reference(tmp_path_factory):
     """One uninterrupted run (in this process): its weights digests and metrics lines."""
     folder = tmp_path_factory.mktemp("reference")
-    cfg = write_config(folder)
+    cfg = write_config(folder, config(write_idx_dataset(folder / "data")))
     reliability_models.reset_counts()
     assert main(["run", str(cfg), "--out", str(folder / "run"), "--no-progress"]) == 0
     run = folder / "run"
@@ -49,52 +50,10 @@ def latest_step(run_dir: Path, stage: str) -> int:
     return step_of(found[-1]) if found else 0
 
 
-def test_sigkill_in_each_stage_then_resume_is_bit_identical(tmp_path, reference, capsys):
-    """Three SIGKILLs at seeded random steps (teacher, baseline, student stage), each resumed by a new process."""
-    rng = random.Random(SEED)
-    run_dir = tmp_path / "run"
-    cfg = reference["config"]
-    kills = []
-    # 1) the teacher stage: killed in the forward of its k-th step
-    k = rng.randint(2, STEPS - 1)
-    proc = run_subprocess("run", cfg, "--out", run_dir, "--no-progress", KDISTILL_TEST_KILL=f"teacher:{k}")
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert not (run_dir / "teacher.safetensors").exists() and latest_step(run_dir, "teacher") == (k - 1) // 4 * 4
-    kills.append(("teacher", k))
-    # 2) the baseline stage (the first student-role model trained in the process): the teacher stage resumes
-    k = rng.randint(1, STEPS - 1)
-    proc = run_subprocess("run", cfg, "--out", run_dir, "--no-progress", KDISTILL_TEST_KILL=f"student:{k}")
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert "[teacher] resumed from" in proc.stdout and (run_dir / "teacher.safetensors").is_file()
-    assert not (run_dir / "baseline.safetensors").exists()
-    kills.append(("baseline", k))
-    # 3) the student stage: after the rest of the baseline stage (resumed from its newest checkpoint)
-    resumed_at = latest_step(run_dir, "baseline")
-    k = rng.randint(1, STEPS - 1)
-    proc = run_subprocess("run", cfg, "--out", run_dir, "--no-progress",
-                          KDISTILL_TEST_KILL=f"student:{STEPS - resumed_at + k}")
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert (run_dir / "baseline.safetensors").is_file() and not (run_dir / "student.safetensors").exists()
-    kills.append(("student", k))
-    # 4) the last run finishes
-    code, out, err = run_inprocess(["run", cfg, "--out", run_dir, "--no-progress"], capsys)
-    assert code == 0, err
-    assert "[student] resumed from" in out or latest_step(run_dir, "student") == STEPS
-    assert_same_as_reference(run_dir, reference, f"kills at {kills}")
-
-
-def test_external_sigkill_at_a_random_moment(tmp_path, reference, capsys):
-    """SIGKILL from outside as soon as a seeded random (stage, step) shows in metrics.jsonl: it lands wherever
-    the process is then (a step, an evaluation, a checkpoint write, a stage change)."""
-    rng = random.Random(SEED + 1)
-    stage, step = rng.choice(["teacher", "baseline", "student"]), rng.randint(1, 20)
-    run_dir = tmp_path / "run"
-    metrics = run_dir / "metrics.jsonl"
-    proc = subprocess.Popen(cli_command("run", reference["config"], "--out", run_dir, "--no-progress"),
-                            cwd=Path(__file__).resolve().parents[1], env=cli_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
+def kill_when_logged(proc: subprocess.Popen, metrics: Path, stage: str, step: int, timeout: float = 120) -> None:
+    """SIGKILL `proc` from outside as soon as metrics.jsonl shows `stage` at `step`."""
     target = f'"stage": "{stage}", "step": {step},'
+    deadline = time.monotonic() + timeout
     try:
         while proc.poll() is None and time.monotonic() < deadline:
             if metrics.is_file() and target in metrics.read_text():
@@ -105,38 +64,66 @@ def test_external_sigkill_at_a_random_moment(tmp_path, reference, capsys):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill ({stage} step {step})"
-    code, out, err = run_inprocess(["run", reference["config"], "--out", run_dir, "--no-progress"], capsys)
-    assert code == 0, err
-    assert_same_as_reference(run_dir, reference, f"external kill after {stage} step {step}")
 
 
-def test_sigterm_and_sigint_checkpoint_exit_cleanly_and_print_the_resume_command(tmp_path, reference, capsys):
+def test_killed_in_every_stage_then_resumed_is_bit_identical(tmp_path, reference, capsys):
+    """One run, interrupted three times at seeded random steps, each time resumed by a new process:
+    SIGKILL in the teacher stage (sent by the process to itself in a step), SIGTERM (a preemption) in the
+    baseline stage, then SIGKILL from outside as soon as a random student step is logged (it lands wherever the
+    process is: a step, an evaluation, a checkpoint write)."""
+    rng = random.Random(SEED)
     run_dir = tmp_path / "run"
     cfg = reference["config"]
-    # SIGTERM (a preemption) at baseline step 11, in a separate process
-    proc = run_subprocess("run", cfg, "--out", run_dir, "--no-progress", KDISTILL_TEST_KILL="student:11:SIGTERM")
+    kills = []
+    # 1) the teacher stage: SIGKILL in the forward of its k-th step
+    k = rng.randint(2, STEPS - 1)
+    kills.append(("teacher", "SIGKILL", k))
+    proc = run_subprocess("run", cfg, "--out", run_dir, "--no-progress", KDISTILL_TEST_KILL=f"teacher:{k}")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not (run_dir / "teacher.safetensors").exists() and latest_step(run_dir, "teacher") == (k - 1) // 4 * 4
+    # 2) the baseline stage (the first student-role model trained in the process): SIGTERM at its k-th step; the
+    # teacher stage resumes first
+    k = rng.randint(1, STEPS - 1)
+    kills.append(("baseline", "SIGTERM", k))
+    proc = run_subprocess("run", cfg, "--out", run_dir, "--no-progress", KDISTILL_TEST_KILL=f"student:{k}:SIGTERM")
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert lines[-1] == (f"kdistill: stopped by SIGTERM at step 11 of stage 'baseline'; a checkpoint was written: "
-                         f"resume with: kdistill run {run_dir}"), proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    assert latest_step(run_dir, "baseline") == 11
-    # SIGINT (Ctrl-C) at student step 5, in this process
-    os.environ["KDISTILL_TEST_KILL"] = f"student:{STEPS - 11 + 5}:SIGINT"
+    assert "[teacher] resumed from" in proc.stdout and (run_dir / "teacher.safetensors").is_file()
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"kdistill: stopped by SIGTERM at step {k} of stage 'baseline'; a checkpoint was written: "
+        f"resume with: kdistill run {run_dir}"), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and latest_step(run_dir, "baseline") == k
+    # 3) the student stage: SIGKILL from outside once a random student step shows in metrics.jsonl
+    k = rng.randint(1, 20)
+    kills.append(("student", "external SIGKILL", k))
+    proc = subprocess.Popen(cli_command("run", run_dir, "--no-progress"), cwd=REPO, env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    kill_when_logged(proc, run_dir / "metrics.jsonl", "student", k)
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill ({kills})"
+    assert (run_dir / "baseline.safetensors").is_file() and not (run_dir / "student.safetensors").exists()
+    # 4) the last run finishes
+    code, out, err = run_inprocess(["run", cfg, "--out", run_dir, "--no-progress"], capsys)
+    assert code == 0, err
+    assert_same_as_reference(run_dir, reference, f"interruptions {kills}")
+
+
+def test_sigint_checkpoints_exits_130_and_prints_the_resume_command(tmp_path, reference, capsys):
+    """Ctrl-C at a student step (in this process): a checkpoint at that step, one line naming the command that
+    resumes, exit 130; that command then ends where the uninterrupted run ends."""
+    run_dir = tmp_path / "run"
+    k = random.Random(SEED + 1).randint(1, STEPS - 1)
+    os.environ["KDISTILL_TEST_KILL"] = f"student:{STEPS + k}:SIGINT"  # after the 30 baseline steps
     try:
-        code, out, err = run_inprocess(["run", cfg, "--out", run_dir, "--no-progress"], capsys)
+        code, out, err = run_inprocess(["run", reference["config"], "--out", run_dir, "--no-progress"], capsys)
     finally:
         del os.environ["KDISTILL_TEST_KILL"]
     assert code == 128 + signal.SIGINT
-    assert err.strip() == (f"kdistill: stopped by SIGINT at step 5 of stage 'student'; a checkpoint was written: "
+    assert err.strip() == (f"kdistill: stopped by SIGINT at step {k} of stage 'student'; a checkpoint was written: "
                            f"resume with: kdistill run {run_dir}")
-    assert latest_step(run_dir, "student") == 5
-    # the printed command resumes the run and ends where the uninterrupted run ends
+    assert latest_step(run_dir, "student") == k and not (run_dir / "student.safetensors").exists()
     code, out, err = run_inprocess(["run", run_dir, "--no-progress"], capsys)
     assert code == 0, err
-    assert "[student] resumed from" in out
-    assert_same_as_reference(run_dir, reference, "SIGTERM then SIGINT")
+    assert f"[student] resumed from {run_dir / 'checkpoints' / 'student' / f'step-{k:08d}'}" in out
+    assert_same_as_reference(run_dir, reference, f"SIGINT at student step {k}")
 
 
 def copy_run(reference: dict, dest: Path) -> Path:

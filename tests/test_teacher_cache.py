@@ -51,7 +51,7 @@ def test_dense_cache_returns_the_teacher_outputs_and_taps(tmp_path):
     for name, value in cached(prefetched).items():
         torch.testing.assert_close(value, want[name], rtol=0, atol=0)
     # reading goes through memory maps, never a whole-file load
-    assert all(isinstance(a, np.memmap) for shard in cached.reader._open() for a in shard.values())
+    assert all(isinstance(a.base, np.memmap) for shard in cached.reader._open() for a in shard.values())
 
 
 def test_fp16_and_bf16_storage_round_trip(tmp_path):

@@ -57,13 +57,15 @@ def _clean(text: str) -> str:
 def wiki_sentences(articles: Sequence[Any], *, min_words: int = 6, max_words: int = 60) -> list[str]:
     """Prose sentences of Wikipedia articles (``(title, text)`` pairs or strings), in order, without duplicates.
 
-    Paragraphs are split at sentence ends (``. ! ?`` followed by a capital or digit); sentences with leftover
-    markup, fewer than `min_words` or more than `max_words` words, or not ending in ``. ! ?`` are skipped.
+    List items and table rows are skipped; paragraphs are split at sentence ends (``. ! ?`` followed by a capital
+    or digit); sentences with leftover markup, fewer than `min_words` or more than `max_words` words, or not ending in ``. ! ?`` are skipped.
     """
     seen, out = set(), []
     for article in articles:
         text = article[1] if isinstance(article, (tuple, list)) else article
         for paragraph in str(text).split("\n"):
+            if paragraph.lstrip()[:1] in ("*", "#", ":", ";", "|", "!"):  # list items, tables
+                continue
             for sentence in _SENTENCE_END.split(paragraph.strip()):
                 sentence = _clean(sentence)
                 words = len(sentence.split())

