@@ -17,9 +17,10 @@ from kdistill.errors import ConfigError
 
 
 class _Strict(BaseModel):
-    """Unknown keys are errors (a typo must not be silently ignored)."""
+    """Unknown keys are errors (a typo must not be silently ignored); so are NaN and infinite numbers (an
+    infinite learning rate or weight passes 'greater than 0' and would fail only after training started)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TransferConfig(_Strict):
@@ -236,7 +237,7 @@ class MultiTeacherScheme(_Strict):
     teachers: list[TeacherConfig] = Field(..., min_length=2)
     combine: Literal["mean", "weights", "agreement"] = "mean"
     weights: Optional[list[float]] = Field(None, description="fixed teacher weights (combine: weights)")
-    agreement_temperature: float = Field(1.0, gt=0, description="sharpness of the agreement weighting")
+    agreement_temperature: float = Field(0.05, gt=0, description="sharpness of the agreement weighting")
 
     @model_validator(mode="after")
     def _weights_match(self) -> "MultiTeacherScheme":
@@ -387,13 +388,15 @@ def format_validation_error(err: ValidationError, source: str = "config") -> str
         msg = "required field is missing"
     elif kind == "literal_error":
         expected = (first.get("ctx") or {}).get("expected", "")
-        msg = f"got {first.get('input')!r}; allowed: {expected}"
+        got = repr(first.get("input"))
+        msg = f"got {got if len(got) <= 80 else got[:77] + '...'}; allowed: {expected}"
     elif kind in ("union_tag_invalid", "union_tag_not_found"):
         ctx = first.get("ctx") or {}
         msg = f"unknown name {ctx.get('tag')!r}; allowed: {ctx.get('expected_tags', '')}" \
             if kind == "union_tag_invalid" else "the 'name' field is missing"
     elif "input" in first and kind not in ("value_error",):
-        msg = f"{msg} (got {first.get('input')!r})"
+        got = repr(first.get("input"))
+        msg = f"{msg} (got {got if len(got) <= 80 else got[:77] + '...'})"
     msg = msg.replace("Value error, ", "")
     more = len(err.errors()) - 1
     tail = f" (+{more} more problem{'s' if more > 1 else ''})" if more else ""
@@ -401,13 +404,20 @@ def format_validation_error(err: ValidationError, source: str = "config") -> str
 
 
 def parse_config(data: Any, source: str = "config") -> RunConfig:
+    if data is None:
+        raise ConfigError(f"{source}: the config is empty", fix="see examples/*.yaml")
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of fields, got {type(data).__name__}",
                           fix="see examples/*.yaml")
     try:
-        return RunConfig.model_validate(data)
+        cfg = RunConfig.model_validate(data)
+        dump_config(cfg)  # free-form values (kwargs, params) must be writable to the run's config.yaml
+        return cfg
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source)) from None
+    except (ValueError, RecursionError):  # a YAML alias cycle (&a ... *a) or absurdly deep nesting
+        raise ConfigError(f"{source}: a value refers to itself (a YAML alias cycle) or is nested too deeply",
+                          fix="write the value out instead of using an alias") from None
 
 
 def load_config(path: Union[str, Path]) -> RunConfig:
@@ -423,6 +433,9 @@ def load_config(path: Union[str, Path]) -> RunConfig:
         raise ConfigError(f"{path}: YAML syntax error at {where}: {problem}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    except (ValueError, RecursionError) as err:  # e.g. an integer of thousands of digits, nesting too deep
+        problem = "nested too deeply" if isinstance(err, RecursionError) else str(err).split(";")[0][:120]
+        raise ConfigError(f"{path}: unreadable YAML value: {problem}") from None
     return parse_config(data, str(path))
 
 

@@ -85,17 +85,31 @@ def check_data(data: Any, *, batch_size: int, world_size: int = 1, num_classes: 
                             fix="relabel to 0..num_classes-1, or use -100 for unlabeled rows")
 
 
+def check_materialized(model: nn.Module, role: str) -> None:
+    """WiringError when parameters or buffers are on the 'meta' device (shapes without weights): such a model
+    cannot be moved, trained or saved."""
+    if any(t.device.type == "meta" for t in list(model.parameters()) + list(model.buffers())):
+        raise WiringError(f"the {role} has parameters on the 'meta' device (shapes without weights)",
+                          fix="load or initialize the weights in the model factory (e.g. model.to_empty(...) and "
+                              "load_state_dict) before training")
+
+
+def check_models_materialized(distiller) -> None:
+    """`check_materialized` for the student and a teacher model of a distiller (before the engine moves them)."""
+    check_materialized(distiller.student, "student")
+    teacher = _teacher_module(distiller)
+    if teacher is not None:
+        check_materialized(teacher, "teacher")
+
+
 def check_placement(model: nn.Module, inputs: Any, role: str) -> None:
     """WiringError when a model's parameters cannot take `inputs`: another device, another float dtype, or
     'meta' (shapes without weights). Models spread over several devices (``device_map``) are not checked."""
     params = [p for p in model.parameters()]
     if not params:
         return
+    check_materialized(model, role)
     devices = {p.device for p in params}
-    if any(d.type == "meta" for d in devices):
-        raise WiringError(f"the {role} has parameters on the 'meta' device (shapes without weights)",
-                          fix="load or initialize the weights in the model factory (e.g. model.to_empty(...) and "
-                              "load_state_dict) before training")
     tensors = _tensors(inputs)
     if not tensors:
         return
@@ -196,6 +210,7 @@ def preflight(stages: Iterable[tuple[str, Any, Any, Any]], *, device: Optional[t
                     continue  # other datasets are checked by the engine's own dry run on its first batch
                 micro = cfg.batch_size // cfg.grad_accum
                 batch = _to(data.batch(torch.arange(micro)), device)
+                check_models_materialized(distiller)
                 distiller.side.to(device)
                 teacher = _teacher_module(distiller)
                 if teacher is not None:

@@ -188,3 +188,80 @@ def test_damaged_stage_weights_file_is_recreated_from_its_checkpoint(tmp_path, r
     assert "warning: cannot read weights" in out and "re-creating it" in out
     assert_same_as_reference(run_dir, reference, "truncated teacher.safetensors")
     assert json.loads((run_dir / "summary.json").read_text())["student"]["accuracy"] > 0
+
+
+# -- environment faults ---------------------------------------------------------------------------------------
+def test_an_out_directory_that_cannot_be_created_is_one_line(tmp_path, reference, capsys):
+    (tmp_path / "file").write_text("a file, not a folder")
+    code, out, err = run_inprocess(["run", reference["config"], "--out", tmp_path / "file" / "run"], capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        f"kdistill: error: cannot create the run directory {tmp_path / 'file' / 'run'}: Not a directory: "
+        "choose a writable --out directory"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 8 MiB tmpfs (root only): a disk that can really fill up and be made read-only."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def fill(folder: Path, leave: int) -> Path:
+    """Fill the file system of `folder` up to `leave` free bytes."""
+    filler = folder / "filler"
+    free = shutil.disk_usage(folder).free - leave
+    with open(filler, "wb") as fh:
+        while free > 0:
+            n = min(free, 1 << 20)
+            try:
+                fh.write(b"\0" * n)
+                fh.flush()
+            except OSError:
+                break
+            free -= n
+    return filler
+
+
+def test_full_then_read_only_disk_fail_in_one_line_and_lose_nothing(small_disk, reference, capsys):
+    from kdistill.engine.checkpoint import verify
+
+    run_dir = small_disk / "run"
+    cfg = reference["config"]
+    os.environ["KDISTILL_TEST_KILL"] = "student:9:SIGINT"  # stop in the baseline stage at step 9
+    try:
+        code, out, err = run_inprocess(["run", cfg, "--out", run_dir, "--no-progress"], capsys)
+    finally:
+        del os.environ["KDISTILL_TEST_KILL"]
+    assert code == 128 + signal.SIGINT, err
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    checkpoints = [c for stage in ("teacher", "baseline") for c in list_checkpoints(run_dir / "checkpoints" / stage)]
+    # the disk fills up: a little room for metrics lines, none for a checkpoint
+    filler = fill(small_disk, leave=48 * 1024)
+    code, out, err = run_inprocess(["run", run_dir, "--no-progress"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"kdistill: error: cannot write checkpoint {run_dir / 'checkpoints' / 'baseline'}"
+                               f"/step-00000014: No space left on device: free disk space"), err
+    assert "Traceback" not in err
+    assert all(verify(c) is None for c in checkpoints) and leftovers(run_dir) == []
+    filler.unlink()
+    # the disk becomes read-only
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    code, out, err = run_inprocess(["run", run_dir, "--no-progress"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Read-only file system" in lines[0] and "Traceback" not in err, err
+    subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+    for path, data in before.items():  # every checkpoint file and weights file of before is there, unchanged
+        if path.name != "metrics.jsonl":
+            assert path.read_bytes() == data, path
+    # with room again, the same command finishes the run as if nothing had happened
+    code, out, err = run_inprocess(["run", run_dir, "--no-progress"], capsys)
+    assert code == 0, err
+    assert_same_as_reference(run_dir, reference, "full disk, then read-only disk")

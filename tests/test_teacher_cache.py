@@ -259,20 +259,27 @@ def test_offline_run_builds_reuses_and_refuses_a_stale_cache(tmp_path):
     from kdistill.schemes.offline import build_teacher_cache, run
 
     cache = tmp_path / "shared-cache"
-    cfg = parse_config(tiny_config(teacher={"name": "cnn1d", "kwargs": {"channels": 8, "depth": 3},
+    cfg = parse_config(tiny_config(data={"name": "digits", "transfer": {"size": 0}}, baseline=False,
+                                   teacher={"name": "mlp", "kwargs": {"hidden": [32]},
                                             "train": {"steps": 20, "batch_size": 64, "log_every": 10},
-                                            "cache": {"dir": str(cache), "kind": "topk", "k": 3}},
-                                   baseline=False))
+                                            "cache": {"dir": str(cache), "kind": "topk", "k": 3}}))
     quiet = dict(progress=False, log=lambda m: None)
     built = build_teacher_cache(cfg, tmp_path / "a", **quiet)
-    assert built.reader.num_samples == 512 + 256 and built.fields[0].temperature == 2.0
+    assert built.reader.num_samples == 512 and built.fields[0].temperature == 2.0
     summary = run(cfg, tmp_path / "a", **quiet)  # reuses the cache (teacher stage done, same key)
     assert summary["student"]["accuracy"] > 0
+    # another teacher (its weights perturbed) on the same cache folder is refused
+    from kdistill.engine.checkpoint import load_weights, save_weights
+
+    weights = load_weights(tmp_path / "a" / "teacher.safetensors")
+    next(v for v in weights.values() if v.is_floating_point()).add_(1e-3)
+    save_weights(tmp_path / "other.safetensors", weights)
     other = cfg.model_copy(deep=True)
-    other.teacher.train.steps = 21  # another teacher
+    other.teacher.weights = str(tmp_path / "other.safetensors")
     with pytest.raises(CacheError, match="stale: the teacher differs"):
         run(other, tmp_path / "b", **quiet)
-    dkd = parse_config(tiny_config(teacher={"name": "cnn1d", "cache": {"dir": str(cache), "kind": "topk"}},
-                                   distill={"terms": [{"loss": "dkd"}]}))
+    dkd = parse_config(tiny_config(data={"name": "digits", "transfer": {"size": 0}},
+                                   distill={"terms": [{"loss": "dkd"}]},
+                                   teacher={"name": "mlp", "cache": {"dir": str(cache), "kind": "topk"}}))
     with pytest.raises(ConfigError, match="dkd.*kind: dense"):
         build_teacher_cache(dkd, tmp_path / "c", **quiet)

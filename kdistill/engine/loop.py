@@ -31,7 +31,7 @@ from kdistill.engine.checkpoint import CheckpointWriter, atomic_write_bytes, loa
 from kdistill.engine.sampler import StepSampler
 from kdistill.errors import KDError, NonFiniteError
 from kdistill.progress import Progress
-from kdistill.wiring import dry_run
+from kdistill.wiring import check_models_materialized, dry_run
 
 
 class Interrupted(KDError):
@@ -257,6 +257,7 @@ class Engine:
         sampler = StepSampler(len(data), cfg.batch_size, seed=self.seed, rank=rank, world_size=world,
                               name=getattr(data, "name", "data"))
 
+        check_models_materialized(distiller)  # a 'meta' model cannot even be moved: say so in one line
         side = distiller.side.to(device)
         if distiller.teacher is not None and hasattr(distiller.teacher, "to"):
             distiller.teacher.to(device)

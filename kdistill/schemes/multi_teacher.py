@@ -6,14 +6,16 @@ With teacher k's logits z_k, its softened prediction P_k = softmax(z_k / T) and 
 
 * ``mean``: w_k = 1 / K (the ensemble average of probabilities, Hinton et al. 2015; You et al. 2017);
 * ``weights``: fixed w_k given by the user, normalized to sum 1;
-* ``agreement``: per input, each teacher is weighted by how well it agrees with the consensus of the others
+* ``agreement``: per input, each teacher is weighted by its agreement with the consensus of the other teachers
   (in the spirit of multi-teacher agreement KD: trust a teacher where the rest agree with it)::
 
-      d_k(x) = KL( p_k(x) || mean_{l != k} p_l(x) ),   w_k(x) = softmax_k( -d_k(x) / tau )
+      c_k(x) = mean_{l != k} p_l(x),   A_k(x) = sum_c p_k(x)_c * c_k(x)_c,   w_k(x) = softmax_k(A_k(x) / tau)
 
-  with p_k = softmax(z_k) at temperature 1 and tau the agreement temperature. A teacher that puts its mass where
-  the others put little (a wrong or random teacher) gets a large d_k and a small weight; the divergence from
-  the leave-one-out consensus keeps a teacher from vouching for itself.
+  with p_k = softmax(z_k) at temperature 1 and tau the agreement temperature (default 0.05). A_k is the
+  probability that a class drawn from teacher k equals one drawn from the others' consensus: high where k
+  confidently agrees with them, about 1/C for a near-uniform (barely trained) teacher and near 0 for a
+  confidently wrong one, so such a teacher gets a small weight. The leave-one-out consensus keeps a teacher
+  from vouching for itself.
 """
 
 from __future__ import annotations
@@ -33,25 +35,21 @@ from kdistill.schemes.common import config_terms, distill, evaluate, finish, mod
 COMBINE = ("mean", "weights", "agreement")
 
 
-def agreement_weights(teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def agreement_weights(teacher_logits: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
     """Per-position teacher weights (K, ...) from stacked logits (K, ..., C): softmax over k of
-    -KL(p_k || mean of the other teachers' p) / temperature, p at softmax temperature 1."""
+    A_k = <p_k, mean of the other teachers' p> / `temperature` (p at softmax temperature 1)."""
     k = teacher_logits.shape[0]
     if k < 2:
         raise WiringError("agreement weighting needs at least 2 teachers")
-    log_p = torch.log_softmax(teacher_logits.float(), -1)
-    p = log_p.exp()
+    p = torch.softmax(teacher_logits.float(), -1)
     total = p.sum(0)
-    divergences = []
-    for i in range(k):
-        others = ((total - p[i]) / (k - 1)).clamp_min(1e-12)
-        divergences.append((p[i] * (log_p[i] - others.log())).sum(-1))
-    return torch.softmax(-torch.stack(divergences) / temperature, dim=0)
+    agreement = torch.stack([(p[i] * (total - p[i]) / (k - 1)).sum(-1) for i in range(k)])
+    return torch.softmax(agreement / temperature, dim=0)
 
 
 def combine_teachers(teacher_logits: Sequence[torch.Tensor], combine: str = "mean",
                      weights: Optional[Sequence[float]] = None, temperature: float = 1.0,
-                     agreement_temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                     agreement_temperature: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
     """(combined logits T * log sum_k w_k softmax(z_k / T), weights (K, ...)). See the module docstring."""
     if combine not in COMBINE:
         raise WiringError(f"unknown teacher combination '{combine}'", fix=f"use one of {', '.join(COMBINE)}")
@@ -82,7 +80,7 @@ class MultiTeacher:
 
     def __init__(self, teachers: Sequence[nn.Module], combine: str = "mean",
                  weights: Optional[Sequence[float]] = None, temperature: float = 1.0,
-                 agreement_temperature: float = 1.0):
+                 agreement_temperature: float = 0.05):
         if len(teachers) < 2:
             raise WiringError(f"multi-teacher distillation needs at least 2 teachers, got {len(teachers)}")
         if combine not in COMBINE:

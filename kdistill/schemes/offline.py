@@ -121,6 +121,10 @@ def run(cfg: RunConfig, run_dir: Optional[Path], *, progress: bool = True, log=p
     teacher = _model(cfg.teacher, bundle, cfg.seed + 101, "teacher")
     terms = terms_from_config(cfg.distill.resolved_terms())
     student_taps, teacher_taps = split_taps(terms, cfg.distill.taps)
+    if cfg.teacher.cache is not None:  # a top-k cache that cannot serve the terms is refused before any training
+        from kdistill.teachers.setup import cache_spec
+
+        cache_spec(cfg.teacher.cache, terms)
     # resolve every tap path now (a TapError naming the closest modules) rather than after training the teacher
     Taps(teacher, teacher_taps)
     Taps(_model(cfg.student, bundle, cfg.seed + 202, "student"), student_taps)
@@ -179,6 +183,10 @@ def build_teacher_cache(cfg: RunConfig, run_dir: Path, *, rebuild: bool = False,
     if cfg.teacher is None or cfg.teacher.cache is None:
         raise ConfigError("the config has no teacher.cache", where="teacher.cache",
                           fix="add e.g. 'cache: {kind: dense}' under teacher")
+    from kdistill.teachers.setup import cache_spec
+
+    terms = terms_from_config(cfg.distill.resolved_terms())
+    cache_spec(cfg.teacher.cache, terms)  # refuse a top-k cache that cannot serve the terms before any training
     run_dir = Path(run_dir)
     prepare_run_dir(cfg, run_dir)
     bundle = load_data(cfg.data)
@@ -193,7 +201,6 @@ def build_teacher_cache(cfg: RunConfig, run_dir: Path, *, rebuild: bool = False,
         teacher = train_stage("teacher", run_dir, teacher_train, Distiller(teacher, None, [Term("ce", "ce")]),
                               maybe_augment(bundle.train, cfg.data.augment, cfg.seed), cfg.seed + 1, bundle,
                               progress, log)
-    terms = terms_from_config(cfg.distill.resolved_terms())
     _, teacher_taps = split_taps(terms, cfg.distill.taps)
     data = maybe_augment(bundle.distill_set(), cfg.data.augment, cfg.seed)
     return teacher_cache(cfg, run_dir, teacher.eval(), teacher_taps, terms, data, rebuild=rebuild,
@@ -208,16 +215,16 @@ def _preflight(cfg: RunConfig, bundle: DataBundle, teacher: Optional[nn.Module],
 
     fresh_teacher = teacher is None
     teacher = teacher if teacher is not None else _model(cfg.teacher, bundle, cfg.seed + 101, "teacher")
-    stages = []
-    if fresh_teacher:
-        stages.append(("teacher", Distiller(_model(cfg.teacher, bundle, cfg.seed + 101, "teacher"), None,
-                                            [Term("ce", "ce")]), bundle.train, cfg.teacher.train or cfg.train))
+    # the student stage first: it holds both models, so a fault is reported with the right role
+    stages = [("student", Distiller(_model(cfg.student, bundle, cfg.seed + 202, "student"), teacher, terms,
+                                    student_taps=student_taps, teacher_taps=teacher_taps),
+               bundle.distill_set(), cfg.train)]
     if cfg.baseline:
         stages.append(("baseline", Distiller(_model(cfg.student, bundle, cfg.seed + 202, "student"), None,
                                              [Term("ce", "ce")]), bundle.train, cfg.train))
-    stages.append(("student", Distiller(_model(cfg.student, bundle, cfg.seed + 202, "student"), teacher, terms,
-                                        student_taps=student_taps, teacher_taps=teacher_taps),
-                   bundle.distill_set(), cfg.train))
+    if fresh_teacher:
+        stages.append(("teacher", Distiller(_model(cfg.teacher, bundle, cfg.seed + 101, "teacher"), None,
+                                            [Term("ce", "ce")]), bundle.train, cfg.teacher.train or cfg.train))
     acc = get_accelerator(cfg.train.mixed_precision)
     preflight(stages, device=acc.device, world_size=acc.num_processes, num_classes=bundle.num_classes)
     if not fresh_teacher:
