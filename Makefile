@@ -30,7 +30,7 @@ demo: $(VENV)/.installed
 	$(BIN)/kdistill demo --out runs/demo
 
 test: $(VENV)/.installed-dev
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m pytest
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/overhead.py --json benchmarks/results/overhead.json

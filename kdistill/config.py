@@ -347,6 +347,12 @@ class RunConfig(_Strict):
         if name not in SCHEMES_WITH_TEACHER and self.teacher is not None:
             where = "scheme.teachers" if name == "multi_teacher" else "nothing: the scheme trains its own teachers"
             raise ValueError(f"scheme '{name}' does not use 'teacher' (it uses {where}); remove it")
+        if name != "offline":  # the schemes' rounds read the data and run their teachers live
+            teachers = [self.teacher] + list(getattr(self.scheme, "teachers", []))
+            if any(t is not None and t.cache is not None for t in teachers):
+                raise ValueError(f"teacher.cache is only supported by scheme 'offline', not '{name}'; remove it")
+            if self.data.augment is not None:
+                raise ValueError(f"data.augment is only supported by scheme 'offline', not '{name}'; remove it")
         return self
 
     @model_validator(mode="after")

@@ -7,8 +7,9 @@ line (what, where, fix):
 
 - data: an empty dataset or one smaller than a batch, NaN/Inf inputs, labels outside the class range;
 - models: parameters in another dtype than the inputs, or on another device than the batch (or never
-  materialized, on 'meta'); vocabularies that differ (models with ``config.vocab_size``); a forward that fails on
-  the first batch (naming the side, the batch's shapes and the model's own error);
+  materialized, on 'meta'); vocabularies that differ (models with ``config.vocab_size`` reading the same ids; a
+  ``distiller.tokenizer`` lets padded heads pass); a forward that fails on the first batch (naming the side, the
+  batch's shapes and the model's own error);
 - the objective (`Distiller.build`): tap paths that do not exist (with the closest names), output shapes or
   class counts that differ, adapters that cannot exist, labels the student cannot predict.
 """
@@ -130,14 +131,15 @@ def check_placement(model: nn.Module, inputs: Any, role: str) -> None:
                               "use train.mixed_precision instead of casting the model")
 
 
-def check_vocabularies(student: nn.Module, teacher: Any) -> None:
-    """Models that declare a vocabulary (``config.vocab_size``) must share it (see `kdistill.llm.check_vocab`)."""
+def check_vocabularies(student: nn.Module, teacher: Any, tokenizer: Any = None) -> None:
+    """Two models that declare a vocabulary (``config.vocab_size``) and read the same token ids must share it
+    (`kdistill.llm.check_vocab`; with `tokenizer` a head padded beyond the tokenizer's size is allowed)."""
     if not (hasattr(getattr(student, "config", None), "vocab_size")
             and hasattr(getattr(teacher, "config", None), "vocab_size")):
         return
     from kdistill.llm.vocab import check_vocab
 
-    check_vocab(student, teacher)
+    check_vocab(student, teacher, tokenizer=tokenizer)
 
 
 def _teacher_module(distiller) -> Optional[nn.Module]:
@@ -155,7 +157,8 @@ def dry_run(distiller, batch: Mapping[str, Any]) -> None:
     teacher = _teacher_module(distiller)
     if teacher is not None:
         check_placement(teacher, teacher_inputs, "teacher")
-        check_vocabularies(distiller.student, teacher)
+        if "teacher_x" not in batch and "student_x" not in batch:  # both read the same ids
+            check_vocabularies(distiller.student, teacher, getattr(distiller, "tokenizer", None))
     try:
         distiller.build(batch)
     except KDError:

@@ -1,11 +1,10 @@
 """The `scheme:` block of the config: selection, defaults, validation messages."""
 
 import pytest
+import yaml
 
 from kdistill.config import dump_config, parse_config
 from kdistill.errors import ConfigError
-
-import yaml
 
 STUDENT = {"name": "mlp", "kwargs": {"hidden": [16]}}
 TEACHER = {"name": "cnn1d", "kwargs": {"channels": 8, "depth": 3}}
@@ -62,6 +61,8 @@ def test_teacher_schemes_parse(scheme):
     ({"scheme": {"name": "multi_teacher", "teachers": [TEACHER, STUDENT], "weights": [1, 1]}},
      "only used with combine: weights"),
     ({"scheme": {"name": "byot"}}, "scheme.exits: required field is missing"),
+    ({"scheme": "mutual", "data": {"augment": {"max_shift": 2}}}, "data.augment is only supported by scheme 'offline'"),
+    ({"scheme": "selective", "teacher": {**TEACHER, "cache": {}}}, "teacher.cache is only supported by scheme"),
 ])
 def test_scheme_errors_are_one_line_with_the_field(fields, message):
     with pytest.raises(ConfigError) as err:

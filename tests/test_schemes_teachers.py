@@ -332,3 +332,32 @@ def test_predict_logits_of_specialist_ensemble_is_a_distribution():
     ens = SpecialistEnsemble(gen, [spec], [[2, 7]])
     logits = predict_logits(ens, ArrayDataset({"x": data.test.tensors["x"][:32]}, "t"))
     assert torch.allclose(logits.exp().sum(-1), torch.ones(32), atol=1e-4)
+
+
+class TokenModel(nn.Module):
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed, self.head = nn.Embedding(7, 8), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(self.embed(x))
+
+
+def test_selective_gates_tokens_and_ignores_padding():
+    student, teacher = TokenModel(0), TokenModel(1)
+    x = torch.randint(0, 7, (3, 6))
+    y = torch.randint(0, 5, (3, 6))
+    y[:, 4:] = -100                                             # padding: never counted, never taught
+    d = SelectiveDistiller(student, teacher, [Term("ce", "ce"), Term("kl", "kl")], threshold=0.1)
+    batch = {"x": x, "y": y}
+    d.build(batch)
+    out = d(batch)
+    s = student(x)
+    with torch.no_grad():
+        t = teacher(x)
+    kl = (torch.softmax(t, -1) * (torch.log_softmax(t, -1) - torch.log_softmax(s, -1))).sum(-1)
+    valid = y != -100
+    chosen = (kl > 0.1) & valid
+    assert 0 < int(chosen.sum()) < int(valid.sum())
+    assert torch.allclose(out.terms["kl"], (kl * chosen).sum() / valid.sum(), rtol=1e-5)
