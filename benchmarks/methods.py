@@ -259,9 +259,14 @@ def train_student(setup: Setup, method: Method, seed: int, ctx: dict, train_cfg:
 
 def run_benchmark(dataset: str, *, quick: bool = False, run_dir: Optional[Path] = None,
                   methods: Optional[list[str]] = None, seeds: Optional[tuple[int, ...]] = None,
-                  log=print) -> dict:
+                  steps: Optional[int] = None, student_kwargs: Optional[dict] = None, log=print) -> dict:
     setup = SETUPS[dataset]
+    if student_kwargs is not None:  # a sensitivity check with another student size (same for every method)
+        setup = Setup(setup.teacher, (setup.student[0], student_kwargs), setup.teacher_taps, setup.student_taps,
+                      setup.teacher_train, setup.train, setup.seeds)
     train_cfg, teacher_cfg = setup.train, setup.teacher_train
+    if steps is not None:  # a sensitivity check with another budget (same for every method)
+        train_cfg = train_cfg.model_copy(update={"steps": steps})
     if quick:
         train_cfg = train_cfg.model_copy(update={"steps": 3, "batch_size": 32, "log_every": 1})
         teacher_cfg = teacher_cfg.model_copy(update={"steps": 3, "batch_size": 32, "log_every": 1})
@@ -358,13 +363,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         help="where the teacher is trained once and reused (default: runs/bench_methods/<dataset>; "
                              "a temporary folder with --quick)")
     parser.add_argument("--methods", nargs="*", default=None, help="only these rows (default: all)")
+    parser.add_argument("--seeds", type=int, nargs="*", default=None, help="default: 0 1 2")
+    parser.add_argument("--steps", type=int, default=None, help="student steps (default: the setup's)")
+    parser.add_argument("--student-kwargs", type=json.loads, default=None,
+                        help='another student size, e.g. \'{"channels": [16, 32, 32]}\'')
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     run_dir = args.run_dir
     if run_dir is None and not args.quick:
         run_dir = Path("runs") / "bench_methods" / args.dataset
-    result = run_benchmark(args.dataset, quick=args.quick, run_dir=run_dir, methods=args.methods)
+    result = run_benchmark(args.dataset, quick=args.quick, run_dir=run_dir, methods=args.methods,
+                           seeds=tuple(args.seeds) if args.seeds else None, steps=args.steps,
+                           student_kwargs=args.student_kwargs)
     result["command"] = " ".join(["OMP_NUM_THREADS=1", "python", "benchmarks/methods.py"] +
                                  (argv if argv is not None else sys.argv[1:]))
     result["environment"] = {"torch": torch.__version__, "python": platform.python_version(),

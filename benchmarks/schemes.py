@@ -42,7 +42,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kdistill.config import ModelConfig, TrainConfig  # noqa: E402
 from kdistill.data import ArrayDataset, mnist1d  # noqa: E402
-from kdistill.evaluate import predict_logits  # noqa: E402
 from kdistill.models import build_model  # noqa: E402
 from kdistill.schemes.assistant import geometric_assistants, train_chain  # noqa: E402
 from kdistill.schemes.common import distill, freeze, hinton_terms, seeded_build, top1_accuracy, train_ce  # noqa: E402

@@ -77,6 +77,15 @@ def run_cmd(config: Path = typer.Argument(..., help="a YAML config, or a run dir
     if config.is_dir():
         out = out or config
         config = config / "config.yaml"
+    from kdistill.llm.config import is_lm_config
+
+    if is_lm_config(config):  # task: causal_lm (kdistill.llm.run)
+        from kdistill.llm.run import lm_summary_table, load_lm_config, run_lm_distillation
+
+        run_dir = out or Path("runs") / config.stem
+        print(lm_summary_table(run_lm_distillation(load_lm_config(config), run_dir, progress=progress)))
+        print(f"run directory: {run_dir}")
+        return
     cfg = load_config(config)
     _run_config(cfg, out or Path("runs") / config.stem, progress, trust_checkpoint)
 
@@ -118,8 +127,16 @@ def cache_build_cmd(config: Path = typer.Argument(..., help="a YAML config with 
                     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP)) -> None:
     """Store the teacher outputs the loss terms read (resumable: run it again after a kill and it continues)."""
     from kdistill.config import load_config
+    from kdistill.llm.config import is_lm_config
     from kdistill.schemes.offline import build_teacher_cache
 
+    if is_lm_config(config):  # task: causal_lm: the teacher's top-k cache over the corpus's training blocks
+        from kdistill.llm.run import build_lm_cache_from_config, load_lm_config
+
+        cached = build_lm_cache_from_config(load_lm_config(config), out or Path("runs") / config.stem,
+                                            rebuild=rebuild, progress=progress)
+        print(f"teacher cache: {cached.directory} (key {cached.key})")
+        return
     cfg = load_config(config)
     cached = build_teacher_cache(cfg, out or Path("runs") / config.stem, rebuild=rebuild, progress=progress,
                                  trust_checkpoint=trust_checkpoint)

@@ -173,7 +173,9 @@ def _diagnose(distiller, batch: Mapping[str, Any], err: BaseException) -> Wiring
     if distiller.teacher is not None:
         sides.append(("teacher", batch.get("teacher_x", batch["x"]), lambda: distiller.teacher_values(batch)))
     inputs = batch.get("student_x", batch["x"])
-    sides.append(("student", inputs, lambda: distiller.side.run_student(inputs)))
+    run_student = getattr(distiller.side, "run_student", None)
+    if run_student is not None:
+        sides.append(("student", inputs, lambda: run_student(inputs)))
     for role, side_inputs, call in sides:
         try:
             with torch.no_grad():

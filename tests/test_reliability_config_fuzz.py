@@ -164,7 +164,7 @@ def run_cli(text, capsys):
 def test_malformed_configs_are_one_line_exit_2(capsys):
     SEEN.clear()
 
-    @settings(max_examples=300, deadline=None, database=None, derandomize=True,
+    @settings(max_examples=220, deadline=None, database=None, derandomize=True,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                      HealthCheck.filter_too_much])
     @given(case=MALFORMED)
@@ -196,7 +196,7 @@ valid_values = {
 }
 
 
-@settings(max_examples=60, deadline=None, database=None, derandomize=True)
+@settings(max_examples=30, deadline=None, database=None, derandomize=True)
 @given(changes=st.fixed_dictionaries({}, optional=valid_values))
 def test_valid_configs_always_parse_and_round_trip(changes):
     cfg = BASE

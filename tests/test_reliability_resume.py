@@ -19,9 +19,8 @@ from kdistill.cli import main
 from kdistill.engine.checkpoint import list_checkpoints, step_of
 
 from tests import reliability_models
-from tests.reliability_support import (REPO, STEPS, WEIGHTS, cli_command, cli_env, digest, leftovers,
-                                       config, run_inprocess, run_subprocess, write_config,
-                                       write_idx_dataset)
+from tests.reliability_support import (REPO, STEPS, WEIGHTS, cli_command, cli_env, config, digest, leftovers,
+                                       run_inprocess, run_subprocess, write_config, write_idx_dataset)
 
 SEED = 20240611  # the kill points are drawn from this seed (printed in failure messages)
 

@@ -17,7 +17,6 @@ computes something else (mutual peers, exits, snapshots, task heads, gated terms
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -265,7 +264,3 @@ class ProbabilityEnsemble(nn.Module):
         log_probs = torch.stack([torch.log_softmax(logits_of(call_model(m, x)).float(), -1) for m in self.members])
         w = self.weights.to(log_probs.device).view(-1, *([1] * (log_probs.dim() - 1)))
         return torch.logsumexp(log_probs + w.log(), dim=0)
-
-
-def log_mean_exp(log_values: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    return torch.logsumexp(log_values, dim) - math.log(log_values.shape[dim])
