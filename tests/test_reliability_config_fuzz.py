@@ -222,7 +222,7 @@ ADVERSARIAL = {
     "unhashable key": HEAD + "? [a, b]\n: c\n",
     "10000-character value": HEAD + "train: {optimizer: " + "x" * 10000 + "}\n",
     "2000-entry mapping for a number": HEAD + "train: {steps: {" + ", ".join(f"k{i}: {i}" for i in range(2000)) + "}}\n",
-    "nesting 5000 deep": HEAD + "train: " + "[" * 5000 + "]" * 5000 + "\n",
+    "nesting 600 deep": HEAD + "train: " + "[" * 600 + "]" * 600 + "\n",
     "5000-digit integer": HEAD + "seed: " + "9" * 5000 + "\n",
     "python tag": HEAD + "seed: !!python/name:os.system\n",
     "binary value": HEAD + "seed: !!binary aGVsbG8=\n",

@@ -221,6 +221,12 @@ class EncoderSide(nn.Module):
     def terms(self) -> list[EncoderTerm]:
         return [r.term for r in self.resolved]
 
+    def run_student(self, inputs: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+        """The student's output and features on `inputs` (keyword tensors, or a tensor of token ids)."""
+        if torch.is_tensor(inputs):
+            inputs = {"input_ids": inputs}
+        return encoder_features(self.student, inputs, self.student_keys)
+
     def _project(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return self.adapters[name](x) if name in self.adapters else x
 
