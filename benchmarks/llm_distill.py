@@ -55,7 +55,7 @@ QUICK_CONFIG = {
 }
 QUICK_ARTICLES = 12
 QUICK_VOCAB = 320
-QUICK_TEACHER_STEPS = 80
+QUICK_TEACHER_STEPS = 50
 
 
 def quick_tokenizer(texts: list[str], vocab_size: int = QUICK_VOCAB):

@@ -163,8 +163,8 @@ def main() -> None:
     ap.add_argument("--cache-dir", type=Path, default=None, help="where to build the caches (default: a temp dir)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    rounds = args.rounds or (3 if args.quick else 7)
-    live_steps, fast_steps = (4, 20) if args.quick else (8, 60)
+    rounds = args.rounds or (3 if args.quick else 12)
+    live_steps, fast_steps = (4, 20) if args.quick else (6, 40)
     log = lambda m: print(m, flush=True)  # noqa: E731
 
     bundle = fashion_mnist()

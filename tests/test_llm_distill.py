@@ -80,10 +80,11 @@ def full_logits(model, batch) -> torch.Tensor:
         return model(**kwargs).logits.double()
 
 
-def manual_kd(student, teacher, batch, temperature=1.0) -> torch.Tensor:
-    """KL(P_t || Q_s) per position t with y[t + 1] != -100, averaged; from the models' full logits in float64."""
-    s = full_logits(student, batch) / temperature
-    t = full_logits(teacher, batch) / temperature
+def manual_kd(student, teacher, batch, temperature=1.0, rows=None) -> torch.Tensor:
+    """KL(P_t || Q_s) per position t with y[t + 1] != -100, averaged; from the models' full logits in float64
+    (only the first `rows` vocabulary entries when the heads are padded beyond the tokenizer)."""
+    s = full_logits(student, batch)[..., :rows] / temperature
+    t = full_logits(teacher, batch)[..., :rows] / temperature
     y = batch["y"]
     total, count = 0.0, 0
     for b in range(y.shape[0]):
@@ -168,7 +169,7 @@ def test_prompt_and_padding_tokens_are_ignored():
     # labels -100 on every position: the loss is an attached zero, not NaN
     empty = dict(batch, y=torch.full_like(batch["y"], -100))
     terms = distiller(empty).terms
-    assert float(terms["kd"]) == 0.0 and float(terms["ce"]) == 0.0
+    assert float(terms["kd"].detach()) == 0.0 and float(terms["ce"].detach()) == 0.0
     sum(terms.values()).backward()
 
 
@@ -293,7 +294,8 @@ def test_gkd_lambda_zero_never_samples_and_lambda_one_trains_on_student_samples_
     assert result["terms"]["ce"] == 0.0 and result["terms"]["kd"] > 0
 
     # the on-policy batch: prompt masked, sampled tokens (up to the first eos) are the targets; the divergence is
-    # the teacher-vs-student KL on exactly those tokens
+    # the teacher-vs-student KL on exactly those tokens (over the tokenizer's 32 ids: the heads' other 8 rows are
+    # padding, which check_vocab tells apart with the tokenizer)
     batch = data.batch(torch.arange(4))
     on.set_step(5)
     sampled = on.sample(batch)
@@ -303,7 +305,23 @@ def test_gkd_lambda_zero_never_samples_and_lambda_one_trains_on_student_samples_
     assert ((generated == -100) | (generated == sampled["x"][:, 6:])).all()
     with torch.no_grad():
         terms = on(batch).terms
-    torch.testing.assert_close(terms["kd"].double(), manual_kd(student, teacher, sampled), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(terms["kd"].double(), manual_kd(student, teacher, sampled, rows=len(tok)),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_gkd_on_text_blocks_takes_the_first_prompt_tokens_as_the_prompt():
+    teacher = tiny_llama(layers=2, seed=1)
+    batch = block_dataset(blocks(4, 12, seed=6)).batch(torch.arange(4))
+    d = LMDistiller(tiny_llama(layers=1, seed=2), teacher,
+                    on_policy=OnPolicy(lambda_=1.0, max_new_tokens=3, prompt_tokens=5))
+    d.build(batch)
+    sampled = d.sample(batch)
+    assert sampled["x"].shape == (4, 8) and torch.equal(sampled["x"][:, :5], batch["x"][:, :5])
+    assert (sampled["y"][:, :5] == -100).all() and (sampled["y"][:, 5] != -100).all()
+    assert float(d(batch).terms["kd"].detach()) > 0
+    no_prompt = LMDistiller(tiny_llama(layers=1, seed=2), teacher, on_policy=OnPolicy(lambda_=1.0))
+    with pytest.raises(WiringError, match="where the prompt ends"):
+        no_prompt.build(batch)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -186,6 +186,10 @@ class CachedTeacher:
         self.key = reader.manifest["key"]
         self.fields = reader.fields
         self.directory = reader.root
+        # (batch key, file name, dtype name) of every stored array, and how to assemble the outputs: once, here
+        self._files = [(PREFIX + fname[:-4], fname, spec.dtype) for spec in self.fields for fname in spec.arrays()]
+        self._first_key = self._files[0][0]
+        self._unaugmented = reader.manifest["parts"].get("transform") is None
 
     def fingerprint(self) -> dict:
         return {"cache": self.key}
@@ -198,13 +202,14 @@ class CachedTeacher:
         index = index.numpy() if torch.is_tensor(index) else np.asarray(index)
         index = index.astype(np.int64, copy=False).reshape(-1)
         n = self.reader.num_samples
-        if index.size and (index.min() < 0 or index.max() >= n):
-            raise CacheError(f"sample index {int(index.max() if index.max() >= n else index.min())} is outside the "
-                             f"teacher-output cache of {n} samples in {self.directory}",
-                             fix="the cache belongs to another dataset: rebuild it")
+        # one reduction checks both ends: a negative int64 read as uint64 is larger than any valid index
+        if index.size and int(index.view(np.uint64).max()) >= n:
+            bad = index[(index < 0) | (index >= n)][0]
+            raise CacheError(f"sample index {int(bad)} is outside the teacher-output cache of {n} samples in "
+                             f"{self.directory}", fix="the cache belongs to another dataset: rebuild it")
         aug = batch.get("aug_seed")
         if self.reader.views == 1:
-            if aug is not None and self.reader.manifest["parts"].get("transform") is None:
+            if aug is not None and self._unaugmented:
                 raise CacheError(f"the batch has augmented inputs ('aug_seed') but the cache in {self.directory} "
                                  f"holds teacher outputs for un-augmented inputs",
                                  fix="rebuild the cache for the augmented dataset (data.augment.views)")
@@ -222,15 +227,10 @@ class CachedTeacher:
     def prefetch(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Host side: the cached rows of a batch still on the CPU, as ``teacher:*`` batch entries."""
         got = self.reader.gather(self._rows(batch))
-        out = {}
-        for spec in self.fields:
-            for fname in spec.arrays():
-                out[PREFIX + fname[:-4]] = to_torch(got[fname], spec.dtype)
-        return out
+        return {key: to_torch(got[fname], dtype) for key, fname, dtype in self._files}
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        first = PREFIX + next(iter(self.fields[0].arrays()))[:-4]
-        if first in batch:
+        if self._first_key in batch:
             pre = batch
         else:
             index = batch["index"]

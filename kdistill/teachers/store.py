@@ -229,7 +229,7 @@ class CacheReader:
 
 def to_torch(arr: np.ndarray, dtype_name: str) -> torch.Tensor:
     """A numpy array from the store as a tensor (bfloat16 comes back from its stored bits)."""
-    t = torch.from_numpy(np.ascontiguousarray(arr))
+    t = torch.from_numpy(arr if arr.flags.c_contiguous else np.ascontiguousarray(arr))
     if dtype_name == "bfloat16" and t.dtype == torch.uint16:
         return t.view(torch.bfloat16)
     return t
