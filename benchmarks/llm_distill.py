@@ -10,13 +10,14 @@ schedule (one Engine seed). Reported: held-out perplexity of teacher, initial st
 (every token of the held-out blocks after the first), parameter counts, training tokens per second (KD arm).
 
 ``--quick``: the same pipeline on a tiny Llama built in code (a byte-pair tokenizer trained on the training
-articles, a 6-layer teacher pre-trained with CE on all training blocks, a 2-layer student trained on 64 of them);
+articles, a 6-layer teacher pre-trained with CE on all training blocks, a 2-layer student trained on 320 of them);
 no SmolLM2; well under a minute on one CPU thread.
 
 Usage::
 
     OMP_NUM_THREADS=2 python benchmarks/llm_distill.py --json benchmarks/results/llm_distill.json
     OMP_NUM_THREADS=1 python benchmarks/llm_distill.py --quick --json /tmp/llm_quick.json
+    python benchmarks/llm_distill.py --reevaluate RUN_DIR --json FILE   # the two students on all held-out blocks
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ QUICK_CONFIG = {
     "seed": 0,
     "teacher": {"path": "in-code tiny Llama", "cache": {"kind": "topk", "k": 32, "dtype": "float32"}},
     "student": {"every": 3},
-    "data": {"heldout_fraction": 0.25, "block_size": 32, "max_train_blocks": 64, "max_heldout_blocks": 32},
+    "data": {"heldout_fraction": 0.25, "block_size": 32, "max_train_blocks": 320, "max_heldout_blocks": 32},
     "distill": {"divergence": "forward_kl", "temperature": 1.0, "kd_weight": 1.0, "ce_weight": 0.0},
     "train": {"steps": 40, "batch_size": 8, "lr": 3e-3, "schedule": "cosine", "warmup_steps": 4,
               "clip_grad_norm": 1.0, "log_every": 20},
@@ -123,15 +124,71 @@ def run_full(run_dir: Path, config: Path, log=print) -> dict:
     return summary
 
 
+def reevaluate(run_dir: Path, heldout_blocks: int | None, log=print) -> dict:
+    """Held-out perplexity of a finished run's two trained students on more held-out blocks than the run used.
+
+    Reads ``RUN_DIR/config.yaml``, the KD student (``RUN_DIR/student``, with its tokenizer) and the CE student (the
+    final ``baseline`` checkpoint); the held-out blocks are re-made with the run's tokenizer and data seed, so the
+    first ``max_heldout_blocks`` of them are the run's own (``check_*`` reproduces the run's numbers on them).
+    """
+    import glob
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kdistill.llm.run import load_lm_corpus, perplexity
+
+    cfg = load_lm_config(run_dir / "config.yaml")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "student")
+    kd = AutoModelForCausalLM.from_pretrained(run_dir / "student", dtype=torch.float32).eval()
+    ce = AutoModelForCausalLM.from_config(kd.config, dtype=torch.float32).eval()
+    weights = sorted(glob.glob(str(run_dir / "checkpoints" / "baseline" / "step-*" / "model.safetensors")))[-1]
+    state = {k.removeprefix("student."): v for k, v in load_file(weights).items()}
+    ce.load_state_dict(state, strict=False)
+    ce.tie_weights()
+    run_blocks = cfg.data.max_heldout_blocks
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_heldout_blocks": heldout_blocks})})
+    heldout = load_lm_corpus(cfg, tokenizer)["heldout"]
+    out = {"run_dir": str(run_dir), "baseline_weights": weights, "heldout_blocks": len(heldout),
+           "heldout_tokens": int(heldout.numel() - len(heldout))}
+    bs = cfg.eval.batch_size
+    if run_blocks:
+        out["check_run_blocks"] = run_blocks
+        out["check_student_kd_ppl"] = perplexity(kd, heldout[:run_blocks], batch_size=bs)
+        out["check_student_ce_ppl"] = perplexity(ce, heldout[:run_blocks], batch_size=bs)
+    t0 = time.perf_counter()
+    out["student_kd_ppl"] = perplexity(kd, heldout, batch_size=bs)
+    out["student_ce_ppl"] = perplexity(ce, heldout, batch_size=bs)
+    out["kd_over_ce_ppl"] = out["student_kd_ppl"] / out["student_ce_ppl"]
+    out["seconds"] = time.perf_counter() - t0
+    log(f"[reevaluate] {out['heldout_tokens']} held-out tokens: KD student {out['student_kd_ppl']:.1f}, "
+        f"CE student {out['student_ce_ppl']:.1f}, ratio {out['kd_over_ce_ppl']:.3f}")
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny in-code Llama instead of SmolLM2 (< 60 s)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--config", type=Path, default=FULL_CONFIG, help="LM config of the full run")
     parser.add_argument("--out", type=Path, help="run directory (default: a temporary folder)")
+    parser.add_argument("--reevaluate", type=Path, metavar="RUN_DIR",
+                        help="only re-measure a finished run's two students on --heldout-blocks held-out blocks")
+    parser.add_argument("--heldout-blocks", type=int, default=None, help="with --reevaluate (default: all)")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
+    if args.reevaluate:
+        result = reevaluate(args.reevaluate, args.heldout_blocks)
+        result["command"] = " ".join(shlex.quote(a) for a in ["OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS",
+                                                                                                    ""), "python",
+                                                              "benchmarks/llm_distill.py",
+                                                              *(argv if argv is not None else sys.argv[1:])])
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+            print(f"wrote {args.json}")
+        return 0
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="kdistill-llm-") as tmp:
         run_dir = args.out or Path(tmp) / "run"

@@ -79,7 +79,7 @@ class Term:
 # transfer compares channel-averaged maps (any channel counts; spatial sizes are interpolated), relation losses
 # compare sample-to-sample relations (only the batch size must match) and CRD has its own embedding heads: none of
 # them gets an adapter, since a projection would only add parameters the loss does not need.
-SAME_SHAPE_LOSSES = ("hint",)
+SAME_SHAPE_LOSSES = ("hint", "hidden_mse", "hidden_cosine")
 RESPONSE_LOSSES = ("kd", "kl", "jsd", "skew_kl", "tvd", "dkd", "dist")
 
 

@@ -195,3 +195,18 @@ def test_adapter_trains_is_checkpointed_restored_and_not_exported(tmp_path):
     assert keys == set(plain.state_dict())
     plain.load_state_dict(exported.state_dict())  # strict
     assert all(not list(m._forward_hooks) for m in exported.modules())  # taps removed after the forward
+
+
+def test_hidden_state_losses_get_a_linear_projection_on_the_width():
+    # TinyBERT's W_h: (B, T, D_s) -> (B, T, D_t), the term sees the projected student states
+    student = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    teacher = nn.Sequential(nn.Linear(4, 16))
+    d = Distiller(student, teacher, [Term("hid", "hidden_mse", student="h", teacher="h")],
+                  student_taps={"h": "0"}, teacher_taps={"h": "0"})
+    batch = {"x": torch.randn(2, 5, 4)}
+    d.build(batch)
+    adapter = d.side.adapters["hid"]
+    assert isinstance(adapter, nn.Linear) and (adapter.in_features, adapter.out_features) == (8, 16)
+    with torch.no_grad():
+        expected = ((adapter(student[0](batch["x"])) - teacher(batch["x"])) ** 2).mean()
+    assert torch.allclose(d(batch).terms["hid"], expected, rtol=1e-5)

@@ -440,8 +440,23 @@ def test_quick_benchmark_runs_the_whole_pipeline(tmp_path):
                 "params_student", "tokens_per_s", "steps"):
         assert key in result and math.isfinite(result[key]) and result[key] > 0, key
     assert result["steps"] == 40 and result["params_student"] < result["params_teacher"]
-    assert result["student_ce_ppl"] < result["student_init_ppl"]  # the CE arm learned from the text
+    assert result["kd_over_ce_ppl"] == pytest.approx(result["student_kd_ppl"] / result["student_ce_ppl"])
     assert result["objective"]["teacher"] == "cache" and result["cache"]["k"] == 32
+    # both arms trained, for the same steps, from the same start
+    assert result["student_kd_ppl"] != result["student_init_ppl"] != result["student_ce_ppl"]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = {r["stage"]: r["step"] for r in records if "terms" in r}
+    assert last == {"student": 40, "baseline": 40}
+    assert set(records[-1]["terms"]) == {"ce"} and any(set(r["terms"]) == {"kd"} for r in records if "terms" in r)
     assert (tmp_path / "run" / "student" / "config.json").is_file()
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
     assert reloaded.config.num_hidden_layers == 2
+    # the exported student (a local folder with its tokenizer) as the teacher of `kdistill cache build`
+    from kdistill.cli import main
+
+    config = tmp_path / "lm.yaml"
+    config.write_text(f"task: causal_lm\nteacher: {{path: {tmp_path / 'run' / 'student'}, cache: {{k: 4}}}}\n"
+                      "data: {block_size: 16, max_train_blocks: 6}\n")
+    assert main(["cache", "build", str(config), "--out", str(tmp_path / "cli"), "--no-progress"]) == 0
+    manifest = json.loads((tmp_path / "cli" / "teacher-cache" / "manifest.json").read_text())
+    assert manifest["num_samples"] == 6 and manifest["fields"][0]["k"] == 4

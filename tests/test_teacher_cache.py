@@ -283,3 +283,24 @@ def test_offline_run_builds_reuses_and_refuses_a_stale_cache(tmp_path):
                                    teacher={"name": "mlp", "cache": {"dir": str(cache), "kind": "topk"}}))
     with pytest.raises(ConfigError, match="dkd.*kind: dense"):
         build_teacher_cache(dkd, tmp_path / "c", **quiet)
+
+
+def test_cli_cache_build_then_stale_is_one_line_exit_2(tmp_path, capsys):
+    import yaml
+
+    from kdistill.cli import main
+
+    cfg = tiny_config(data={"name": "digits", "transfer": {"size": 0}}, baseline=False,
+                      teacher={"name": "mlp", "kwargs": {"hidden": [16]},
+                               "train": {"steps": 10, "batch_size": 64, "log_every": 10},
+                               "cache": {"dir": str(tmp_path / "cache")}})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["cache", "build", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "a"), "--no-progress"]) == 0
+    assert "teacher cache:" in capsys.readouterr().out and open_cache(tmp_path / "cache").reader.num_samples == 512
+    cfg["teacher"]["train"]["steps"] = 11  # another teacher, same cache folder
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["cache", "build", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "b"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kdistill: error: the teacher-output cache") and "stale" in err and "\n" not in err
+    assert main(["cache", "build", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "b"), "--no-progress",
+                 "--rebuild"]) == 0

@@ -289,12 +289,14 @@ class EncoderOutput:
 
 
 def _depth(model: Any) -> Optional[int]:
+    """Transformer layers of a model, or the ``num_layers`` a cached teacher declares; None if unknown."""
     if isinstance(model, nn.Module):
         try:
             return encoder_layout(model).num_layers
         except WiringError:
             return None
-    return None
+    depth = getattr(model, "num_layers", None)
+    return depth if isinstance(depth, int) and depth > 0 else None
 
 
 class EncoderDistiller:
@@ -329,7 +331,7 @@ class EncoderDistiller:
             raise WiringError("an 'mlm' term needs masked inputs", where="EncoderDistiller",
                               fix="pass mlm=MaskedLM.from_tokenizer(tokenizer)")
         teacher_model = teacher if isinstance(teacher, nn.Module) else None
-        s_depth, t_depth = _depth(student), _depth(teacher_model)
+        s_depth, t_depth = _depth(student), _depth(teacher)
         resolved, s_keys, t_keys, rel_heads = [], {"mask"}, {"mask"}, {}
         for term in terms:
             pairs: list[tuple[int, int]] = []
@@ -341,15 +343,19 @@ class EncoderDistiller:
                 if t_depth is None:
                     raise WiringError(f"term '{term.name}' ({term.loss}) needs the teacher's layers, but the teacher "
                                       f"is {type(teacher).__name__}", where=where,
-                                      fix="pass the teacher model itself (cached teachers give embeddings only)")
+                                      fix="pass the teacher model itself, or a cached teacher that declares "
+                                          "num_layers and holds those layers (CachedFeatures)")
                 pairs = layer_map(term.layers if term.layers is not None else default, s_depth, t_depth,
                                   min_layer=min_layer, where=where)
                 for s_layer, t_layer in pairs:
                     s_keys.add(feature_key(kind, s_layer))
                     t_keys.add(feature_key(kind, t_layer))
                 if kind in _RELATIONS:
-                    rel_heads[term.name] = int(term.params.get("num_heads") or
-                                               encoder_layout(teacher_model).num_heads)
+                    heads = term.params.get("num_heads")
+                    if not heads and teacher_model is None:
+                        raise WiringError(f"term '{term.name}' needs params.num_heads with a cached teacher",
+                                          where=where, fix="set params: {num_heads: H}")
+                    rel_heads[term.name] = int(heads or encoder_layout(teacher_model).num_heads)
             elif term.loss in ("kd", "mlm", "ce"):
                 s_keys.add("logits")
                 if term.loss == "kd":

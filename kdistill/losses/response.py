@@ -183,6 +183,21 @@ def _kl_from_log_probs(log_p: Tensor, log_q: Tensor) -> Tensor:
     return (p * (log_p - log_q)).sum(dim=-1)
 
 
+def _forward_kl(teacher_logits: Tensor, student_logits: Tensor, temperature: float) -> Tensor:
+    """KL(P || Q) per position with P = softmax(teacher/T), Q = softmax(student/T): the hot path of `kd`.
+
+    One fused ``F.kl_div(log q, log p, log_target=True)`` (``p * (log p - log q)``) instead of the masked form.
+    Both log-probabilities are clamped to the most negative finite float, so a class with p_c == 0 (a teacher
+    logit of -inf) contributes exactly 0, also when the student's logit is -inf there, and gradients stay finite
+    (the same convention as `_kl_from_log_probs`).
+    """
+    dtype = _compute_dtype(student_logits)
+    lowest = torch.finfo(dtype).min
+    log_p = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1).clamp(min=lowest)
+    log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1).clamp(min=lowest)
+    return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=-1)
+
+
 def _log_mixture(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
     """log(w * A + (1 - w) * B) computed stably as a logsumexp of log-probs plus log-weights, 0 < w < 1.
 
@@ -272,9 +287,7 @@ def kd(
     name = "kd"
     _check_logits(name, student_logits, teacher_logits)
     temperature = _check_temperature(name, temperature)
-    log_p = _log_softmax(teacher_logits, temperature)
-    log_q = _log_softmax(student_logits, temperature)
-    per_pos = _kl_from_log_probs(log_p, log_q)
+    per_pos = _forward_kl(teacher_logits, student_logits, temperature)
     per_pos = per_pos * (temperature * temperature)
     return reduce_positions(per_pos, mask, reduction, name=name)
 
