@@ -137,7 +137,8 @@ def load_sentence_corpus(*, seed: int = 0, heldout_articles: float = 0.15, heldo
 
     Wikipedia is split by whole article (`heldout_articles` of them held out), tweets by a seeded shuffle
     (`heldout_tweets` held out, with their labels). The training list mixes the training sentences of both
-    sources in a seeded random order; `max_train` / `max_heldout` / `max_probe` cap the sizes (seeded subsets).
+    sources in a seeded random order; `max_train` / `max_heldout` / `max_probe` cap the sizes (seeded subsets;
+    a capped training list is half Wikipedia, half tweets, like the held-out similarity set).
     """
     from kdistill.data.text import split_by_article, wiki_articles
 
@@ -151,10 +152,16 @@ def load_sentence_corpus(*, seed: int = 0, heldout_articles: float = 0.15, heldo
                         where="load_sentence_corpus", fix="hold out e.g. 6000 tweets")
     held_tweets, train_tweets = labelled[:heldout_tweets], labelled[heldout_tweets:]
     held_set = {t for t, _ in held_tweets} | set(wiki_held)
-    train = [s for s in wiki_train + [t for t, _ in train_tweets] if s not in held_set]
-    rng.shuffle(train)
+    wiki_pool = [s for s in wiki_train if s not in held_set]
+    tweet_pool = [t for t, _ in train_tweets if t not in held_set]
+    rng.shuffle(wiki_pool)
+    rng.shuffle(tweet_pool)
     if max_train is not None:
-        train = train[:max_train]
+        # balanced: half Wikipedia, half tweets (as the held-out evaluation), the other source filling any shortfall
+        n_wiki = min(len(wiki_pool), max(max_train // 2, max_train - len(tweet_pool)))
+        wiki_pool, tweet_pool = wiki_pool[:n_wiki], tweet_pool[:max_train - n_wiki]
+    train = wiki_pool + tweet_pool
+    rng.shuffle(train)
     probe = held_tweets[:max_probe] if max_probe is not None else held_tweets
     # similarity evaluation: held-out wiki sentences and held-out tweets, half and half when capped
     heldout = list(wiki_held)
@@ -167,7 +174,8 @@ def load_sentence_corpus(*, seed: int = 0, heldout_articles: float = 0.15, heldo
         heldout = heldout + sim_tweets
     info = {"wiki_train_sentences": len(wiki_train), "wiki_heldout_sentences": len(wiki_held),
             "tweets_train": len(train_tweets), "tweets_heldout": len(held_tweets),
-            "train": len(train), "heldout": len(heldout), "probe": len(probe)}
+            "train": len(train), "train_wiki": len(wiki_pool), "train_tweets": len(tweet_pool),
+            "heldout": len(heldout), "probe": len(probe)}
     return SentenceCorpus(train, heldout, [t for t, _ in probe], [y for _, y in probe], info)
 
 

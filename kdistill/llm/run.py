@@ -279,5 +279,7 @@ def lm_summary_table(summary: dict[str, Any]) -> str:
                      f"{name:<36} {params:>12,} {'-':>13}")
     if summary.get("kd_over_ce_ppl") is not None:
         lines.append(f"KD / CE perplexity ratio: {summary['kd_over_ce_ppl']:.3f} after {summary['steps']} steps "
-                     f"({summary['train_tokens']:,} training tokens); KD arm {summary['tokens_per_s']:.0f} tokens/s")
+                     f"({summary['train_tokens']:,} training tokens)")
+    if summary.get("tokens_per_s") is not None:
+        lines.append(f"KD arm: {summary['tokens_per_s']:.0f} training tokens/s")
     return "\n".join(lines)
