@@ -268,6 +268,34 @@ def test_layer_terms_are_checked_against_depths_at_construction():
         EncoderDistiller(student, None, embedding_terms())
 
 
+def test_a_cached_teacher_declaring_its_depth_can_feed_layer_terms():
+    teacher = seeded(BertModel, tiny_config())
+    data = dataset(n=16)
+    with torch.no_grad():
+        _, feats = encoder_features(teacher, {"input_ids": data.tensors["x"],
+                                              "attention_mask": data.tensors["attention_mask"]}, {"hidden.4"})
+
+    class CachedLastLayer:  # e.g. token states stored once; rows looked up by index, trimmed like the student's
+        num_layers = 4
+
+        def __call__(self, batch):
+            mask = batch["attention_mask"]
+            length = int(mask.sum(1).max())
+            return {"hidden.4": feats["hidden.4"][batch["index"], :length], "mask": mask[:, :length].bool()}
+
+    student = build_student(teacher, num_layers=2)
+    live = EncoderDistiller(student, teacher, [EncoderTerm("h", "hidden_mse", layers="last-1")])
+    cached = EncoderDistiller(student, CachedLastLayer(), [EncoderTerm("h", "hidden_mse", layers="last-1")])
+    assert cached.layer_pairs() == live.layer_pairs() == {"h": [(2, 4)]}
+    batch = data.batch(torch.arange(8))
+    cached.build(batch)
+    student.eval()  # no dropout: the two objectives must see the same student outputs
+    with torch.no_grad():
+        assert torch.allclose(cached(batch).terms["h"], live(batch).terms["h"], atol=1e-6)
+    with pytest.raises(WiringError, match="teacher gave no"):
+        EncoderDistiller(student, CachedLastLayer(), [EncoderTerm("h", "hidden_mse", layers=[[1, 2]])]).build(batch)
+
+
 def test_token_terms_refuse_different_tokenizations():
     teacher = seeded(BertModel, tiny_config())
     distiller = EncoderDistiller(build_student(teacher, num_layers=2), teacher, [EncoderTerm("h", "hidden_mse")])
