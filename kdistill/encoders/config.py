@@ -79,6 +79,7 @@ class ScratchSpec(_Strict):
 
     objective: Literal["simcse", "none"] = "simcse"
     temperature: float = Field(0.05, gt=0)
+    dropout: float = Field(0.1, gt=0, lt=1, description="SimCSE's noise: hidden and attention dropout (paper: 0.1)")
 
 
 class EvalSpec(_Strict):

@@ -42,13 +42,15 @@ def terms_from_specs(specs) -> list[EncoderTerm]:
 
 
 def build_embedding_student(cfg: EncoderRunConfig, teacher: SentenceEncoder, *, from_teacher: bool = True,
-                            seed: Optional[int] = None) -> SentenceEncoder:
+                            seed: Optional[int] = None, dropout: Optional[float] = None) -> SentenceEncoder:
     """The configured student. ``from_teacher=False`` gives the no-teacher baseline's start: the same
-    architecture with nothing taken from the teacher's weights (random embeddings)."""
+    architecture with nothing taken from the teacher's weights (random embeddings). `dropout` overrides the
+    configured dropout (SimCSE needs it as its noise)."""
     spec = cfg.student
     overrides = {}
-    if spec.dropout is not None:
-        overrides = {"hidden_dropout_prob": spec.dropout, "attention_probs_dropout_prob": spec.dropout}
+    dropout = spec.dropout if dropout is None else dropout
+    if dropout is not None:
+        overrides = {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
     embeddings = spec.embeddings
     if not from_teacher:
         embeddings = "random"
@@ -108,7 +110,7 @@ def run_embedding_distillation(cfg: EncoderRunConfig, run_dir: Optional[Path] = 
 
     scratch = None
     if cfg.scratch.objective == "simcse":
-        scratch_model = build_embedding_student(cfg, teacher, from_teacher=False)
+        scratch_model = build_embedding_student(cfg, teacher, from_teacher=False, dropout=cfg.scratch.dropout)
         scratch_distiller = EncoderDistiller(scratch_model, None, [EncoderTerm(
             "simcse", "simcse", params={"temperature": cfg.scratch.temperature})])
         with _timed(log, "scratch (SimCSE, no teacher)") as t:
