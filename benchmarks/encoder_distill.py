@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
         if args.quick:
             cfg = _override(cfg, QUICK)
         t0 = time.perf_counter()
-        summary = run_embedding_distillation(cfg, args.out, log=(lambda s: None) if args.quiet else print)
+        summary = run_embedding_distillation(cfg, args.out, progress=not args.quiet,
+                                             log=(lambda s: None) if args.quiet else print)
         elapsed = time.perf_counter() - t0
     finally:
         torch.set_num_threads(previous_threads)

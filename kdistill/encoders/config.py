@@ -95,7 +95,7 @@ class EncoderRunConfig(_Strict):
     student: StudentSpec = StudentSpec()
     data: CorpusSpec = CorpusSpec()
     distill: DistillSpec = DistillSpec()
-    train: TrainConfig = TrainConfig(steps=2000, batch_size=64, lr=1e-3, schedule="linear", warmup_steps=100,
+    train: TrainConfig = TrainConfig(steps=2000, batch_size=64, lr=2e-3, schedule="linear", warmup_steps=100,
                                      weight_decay=0.01, log_every=100)
     scratch: ScratchSpec = ScratchSpec()
     eval: EvalSpec = EvalSpec()
