@@ -4,8 +4,10 @@ One teacher, trained once and reused; one student architecture with >= 10x fewer
 scratch, KD, DKD, DIST, FitNet, AT, SP, RKD, PKT, CC, CRD, KD+CRD. Every row trains the same student with the
 same init seed, data order, steps, batch size, optimizer, learning rate and schedule, through kdistill's own
 `Distiller` and `Engine`; only the loss terms differ. Each method's hyper-parameters are the published defaults
-(`METHODS` below, taken from the CRD code base RepDistiller for the CRD-table rows and from the DKD/DIST papers),
-never tuned here. Feature methods all read the same layer pair, the last convolutional stage of each network:
+(`build_methods` below, taken from the CRD code base RepDistiller for the CRD-table rows and from the DKD/DIST
+papers), never tuned per method. The temperature-based rows (KD, DKD, DIST, KD+CRD) come in the two published
+settings, ``--preset cifar100`` (T = 4) and ``--preset imagenet`` (T = 1); each dataset names its default.
+Feature methods all read the same layer pair, the last convolutional stage of each network:
 map methods (FitNet, AT, SP) its output maps (equal spatial size, different channel counts, so FitNet gets a
 1x1-conv adapter), embedding methods (RKD, PKT, CC, CRD) the penultimate features, i.e. the same maps after the
 network's own global pooling, as in those papers and in the CRD code.
@@ -32,6 +34,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -73,6 +76,7 @@ class Setup:
     teacher_train: TrainConfig
     train: TrainConfig
     seeds: tuple[int, ...] = (0, 1, 2)
+    preset: str = "cifar100"  # which published setting the temperature-based rows use (`build_methods`)
 
 
 SETUPS: dict[str, Setup] = {
@@ -84,6 +88,9 @@ SETUPS: dict[str, Setup] = {
         teacher_train=TrainConfig(steps=1500, batch_size=128, lr=3e-3, schedule="onecycle", log_every=100,
                                   checkpoint_every=500),
         train=TrainConfig(steps=1200, batch_size=128, lr=3e-3, schedule="onecycle", log_every=100),
+        # 10 classes: at T = 4 this teacher's targets are nearly flat (mean top probability 0.53 on the training
+        # rows, 0.93 at T = 1), so the temperature rows use the papers' T = 1 (ImageNet) settings; see docs/methods.md
+        preset="imagenet",
     ),
     "mnist1d": Setup(
         teacher=("cnn1d", {"channels": 64, "depth": 4}),
@@ -119,37 +126,76 @@ class Method:
     source: str
 
 
-METHODS: list[Method] = [
-    Method("scratch", lambda n: [_ce()], "CE", "-"),
-    Method("KD", lambda n: [_ce(0.1), Term("kd", "kd", 0.9, params={"temperature": 4.0})],
-           "0.1 CE + 0.9 KD, T=4", "Hinton et al. 2015; CRD code (-r 0.1 -a 0.9)"),
-    Method("DKD", lambda n: [_ce(), Term("dkd", "dkd", 1.0, params={"alpha": 1.0, "beta": 8.0, "temperature": 4.0},
-                                          warmup_steps=max(1, round(n * 20 / 240)))],
-           "CE + DKD(alpha=1, beta=8, T=4), weight warm-up over the first 1/12 of training (20 of 240 epochs)",
-           "Zhao et al. 2022, CIFAR-100 setting"),
-    Method("DIST", lambda n: [_ce(), Term("dist", "dist", 1.0, params={"beta": 2.0, "gamma": 2.0,
-                                                                        "temperature": 4.0})],
-           "CE + DIST(beta=2, gamma=2, T=4)", "Huang et al. 2022, CIFAR-100 setting"),
-    Method("FitNet", lambda n: [_ce(), _feature("hint", "hint", 100.0)],
-           "CE + 100 * hint (MSE after a 1x1-conv adapter)", "Romero et al. 2015; CRD code (-b 100)"),
-    Method("AT", lambda n: [_ce(), _feature("at", "attention_transfer", 1000.0, p=2.0)],
-           "CE + 1000 * AT(p=2)", "Zagoruyko & Komodakis 2017; CRD code (-b 1000)"),
-    Method("SP", lambda n: [_ce(), _feature("sp", "similarity_preserving", 3000.0)],
-           "CE + 3000 * SP", "Tung & Mori 2019; CRD code (-b 3000)"),
-    Method("RKD", lambda n: [_ce(), _embedding("rkd_distance", "rkd_distance", 25.0),
-                             _embedding("rkd_angle", "rkd_angle", 50.0)],
-           "CE + 25 * RKD-D + 50 * RKD-A", "Park et al. 2019; CRD code (-b 1, w_d=25, w_a=50)"),
-    Method("PKT", lambda n: [_ce(), _embedding("pkt", "pkt", 30000.0)],
-           "CE + 30000 * PKT", "Passalis & Tefas 2018; CRD code (-b 30000)"),
-    Method("CC", lambda n: [_ce(), _embedding("cc", "correlation_congruence", 0.02, kernel="gaussian", gamma=0.4,
-                                              order=2)],
-           "CE + 0.02 * CC(gaussian, gamma=0.4, order 2)", "Peng et al. 2019; weight from the CRD code (-b 0.02)"),
-    Method("CRD", lambda n: [_ce(), _embedding("crd", "crd", 0.8, **CRD_PARAMS)],
-           "CE + 0.8 * CRD(embed 128, tau=0.07, momentum 0.5, 16384 negatives)", "Tian et al. 2020 (-b 0.8)"),
-    Method("KD+CRD", lambda n: [_ce(), Term("kd", "kd", 1.0, params={"temperature": 4.0}),
-                                _embedding("crd", "crd", 0.8, **CRD_PARAMS)],
-           "CE + KD(T=4) + 0.8 * CRD", "Tian et al. 2020 (-r 1 -a 1 -b 0.8)"),
-]
+@dataclass(frozen=True)
+class ResponseSetting:
+    """One published setting of the temperature-based rows (KD, DKD, DIST; KD+CRD uses the KD temperature)."""
+
+    temperature: float
+    kd_ce_weight: float      # KD row: kd_ce_weight * CE + (1 - kd_ce_weight) * KD
+    kd_source: str
+    dkd_beta: float          # DKD: CE + DKD(alpha = 1, beta), its weight warmed up over a fraction of training
+    dkd_warmup: tuple[int, int]  # (warm-up epochs, epochs) of the published schedule
+    dist_weight: float       # DIST: CE + DIST(beta = gamma = dist_weight)
+    dataset: str             # the published benchmark these values come from
+
+
+RESPONSE_SETTINGS = {
+    "cifar100": ResponseSetting(4.0, 0.1, "CRD code (-r 0.1 -a 0.9)", 8.0, (20, 240), 2.0, "CIFAR-100"),
+    "imagenet": ResponseSetting(1.0, 0.5, "DKD code, ImageNet KD baseline", 0.5, (1, 100), 1.0, "ImageNet"),
+}
+PRESETS = tuple(RESPONSE_SETTINGS)
+
+
+def _response_methods(preset: str) -> list[Method]:
+    """The KD, DKD and DIST rows in one of the papers' published settings (`RESPONSE_SETTINGS`)."""
+    if preset not in RESPONSE_SETTINGS:
+        raise ValueError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+    r = RESPONSE_SETTINGS[preset]
+    T, warm, of = r.temperature, *r.dkd_warmup
+    return [
+        Method("KD", lambda n: [_ce(r.kd_ce_weight), Term("kd", "kd", 1 - r.kd_ce_weight, params={"temperature": T})],
+               f"{r.kd_ce_weight:g} CE + {1 - r.kd_ce_weight:g} KD, T={T:g}", f"Hinton et al. 2015; {r.kd_source}"),
+        Method("DKD", lambda n: [_ce(), Term("dkd", "dkd", 1.0, params={"alpha": 1.0, "beta": r.dkd_beta,
+                                                                        "temperature": T},
+                                              warmup_steps=max(1, round(n * warm / of)))],
+               f"CE + DKD(alpha=1, beta={r.dkd_beta:g}, T={T:g}), weight warm-up over the first {warm} of {of} "
+               "epochs' share of training", f"Zhao et al. 2022, {r.dataset} setting"),
+        Method("DIST", lambda n: [_ce(), Term("dist", "dist", 1.0, params={"beta": r.dist_weight,
+                                                                            "gamma": r.dist_weight,
+                                                                            "temperature": T})],
+               f"CE + DIST(beta={r.dist_weight:g}, gamma={r.dist_weight:g}, T={T:g})",
+               f"Huang et al. 2022, {r.dataset} setting"),
+    ]
+
+
+def build_methods(preset: str = "cifar100") -> list[Method]:
+    """Every row of the table; only the temperature-based rows depend on ``preset`` (see `_response_methods`)."""
+    rows = _response_methods(preset)
+    kd_temperature = RESPONSE_SETTINGS[preset].temperature
+    return [Method("scratch", lambda n: [_ce()], "CE", "-"), *rows,
+            Method("FitNet", lambda n: [_ce(), _feature("hint", "hint", 100.0)],
+                   "CE + 100 * hint (MSE after a 1x1-conv adapter)", "Romero et al. 2015; CRD code (-b 100)"),
+            Method("AT", lambda n: [_ce(), _feature("at", "attention_transfer", 1000.0, p=2.0)],
+                   "CE + 1000 * AT(p=2)", "Zagoruyko & Komodakis 2017; CRD code (-b 1000)"),
+            Method("SP", lambda n: [_ce(), _feature("sp", "similarity_preserving", 3000.0)],
+                   "CE + 3000 * SP", "Tung & Mori 2019; CRD code (-b 3000)"),
+            Method("RKD", lambda n: [_ce(), _embedding("rkd_distance", "rkd_distance", 25.0),
+                                     _embedding("rkd_angle", "rkd_angle", 50.0)],
+                   "CE + 25 * RKD-D + 50 * RKD-A", "Park et al. 2019; CRD code (-b 1, w_d=25, w_a=50)"),
+            Method("PKT", lambda n: [_ce(), _embedding("pkt", "pkt", 30000.0)],
+                   "CE + 30000 * PKT", "Passalis & Tefas 2018; CRD code (-b 30000)"),
+            Method("CC", lambda n: [_ce(), _embedding("cc", "correlation_congruence", 0.02, kernel="gaussian",
+                                                      gamma=0.4, order=2)],
+                   "CE + 0.02 * CC(gaussian, gamma=0.4, order 2)",
+                   "Peng et al. 2019; weight from the CRD code (-b 0.02)"),
+            Method("CRD", lambda n: [_ce(), _embedding("crd", "crd", 0.8, **CRD_PARAMS)],
+                   "CE + 0.8 * CRD(embed 128, tau=0.07, momentum 0.5, 16384 negatives)", "Tian et al. 2020 (-b 0.8)"),
+            Method("KD+CRD", lambda n: [_ce(), Term("kd", "kd", 1.0, params={"temperature": kd_temperature}),
+                                        _embedding("crd", "crd", 0.8, **CRD_PARAMS)],
+                   f"CE + KD(T={kd_temperature:g}) + 0.8 * CRD", "Tian et al. 2020 (-r 1 -a 1 -b 0.8)")]
+
+
+METHODS: list[Method] = build_methods("cifar100")
 
 
 class CachedTeacher:
@@ -227,7 +273,12 @@ def prepare(dataset: str, setup: Setup, run_dir: Path, *, quick: bool, log=print
         live(batch)
         cpu_ms.append((time.process_time() - c0) * 1000)
         wall_ms.append((time.perf_counter() - t0) * 1000)
+    # how much class information the soft targets carry at each published temperature (training rows)
+    train_logits = cache.values["logits"]
+    softness = {f"T={t:g}": float(torch.softmax(train_logits / t, 1).max(1).values.mean()) for t in (1.0, 2.0, 4.0)}
+    log(f"teacher: mean top probability on the training rows {softness}")
     return {"bundle": bundle, "teacher": teacher, "teacher_top1": teacher_top1, "cache": cache,
+            "teacher_mean_top_probability": softness,
             "teacher_ms_per_batch": statistics.median(cpu_ms[1:] if len(cpu_ms) > 2 else cpu_ms),
             "teacher_wall_ms_per_batch": statistics.median(wall_ms[1:] if len(wall_ms) > 2 else wall_ms)}
 
@@ -261,21 +312,22 @@ def train_student(setup: Setup, method: Method, seed: int, ctx: dict, train_cfg:
 
 def run_benchmark(dataset: str, *, quick: bool = False, run_dir: Optional[Path] = None,
                   methods: Optional[list[str]] = None, seeds: Optional[tuple[int, ...]] = None,
-                  steps: Optional[int] = None, student_kwargs: Optional[dict] = None, log=print) -> dict:
+                  steps: Optional[int] = None, student_kwargs: Optional[dict] = None, preset: Optional[str] = None,
+                  log=print) -> dict:
     setup = SETUPS[dataset]
+    if preset is not None:  # the other published setting of the temperature-based rows
+        setup = dataclasses.replace(setup, preset=preset)
     if student_kwargs is not None:  # a sensitivity check with another student size (same for every method)
-        setup = Setup(setup.teacher, (setup.student[0], student_kwargs), setup.teacher_taps, setup.student_taps,
-                      setup.teacher_train, setup.train, setup.seeds)
+        setup = dataclasses.replace(setup, student=(setup.student[0], student_kwargs))
     train_cfg, teacher_cfg = setup.train, setup.teacher_train
     if steps is not None:  # a sensitivity check with another budget (same for every method)
         train_cfg = train_cfg.model_copy(update={"steps": steps})
     if quick:
         train_cfg = train_cfg.model_copy(update={"steps": 3, "batch_size": 32, "log_every": 1})
         teacher_cfg = teacher_cfg.model_copy(update={"steps": 3, "batch_size": 32, "log_every": 1})
-        setup = Setup(setup.teacher, setup.student, setup.teacher_taps, setup.student_taps, teacher_cfg, train_cfg,
-                      (0, 1))
+        setup = dataclasses.replace(setup, teacher_train=teacher_cfg, train=train_cfg, seeds=(0, 1))
     seeds = tuple(seeds) if seeds is not None else setup.seeds
-    chosen = [m for m in METHODS if methods is None or m.name in methods]
+    chosen = [m for m in build_methods(setup.preset) if methods is None or m.name in methods]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(run_dir) if run_dir is not None else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
@@ -326,9 +378,11 @@ def run_benchmark(dataset: str, *, quick: bool = False, run_dir: Optional[Path] 
         "student": {"model": setup.student[0], "kwargs": setup.student[1], "params": student_params,
                     "taps": setup.student_taps},
         "compression": n_params(ctx["teacher"]) / student_params,
+        "preset": setup.preset,
         "train": train_cfg.model_dump(mode="json"),
         "seeds": list(seeds),
         "train_rows": len(bundle.train), "test_rows": len(bundle.test),
+        "teacher_mean_top_probability": ctx["teacher_mean_top_probability"],
         "teacher_ms_per_batch": ctx["teacher_ms_per_batch"],
         "teacher_wall_ms_per_batch": ctx["teacher_wall_ms_per_batch"],
         "student_runs_seconds": seconds,
@@ -341,7 +395,7 @@ def format_table(result: dict) -> str:
              f"({result['teacher']['params']:,} params, top-1 {100 * result['teacher_top1']:.2f}%), student "
              f"{result['student']['model']} {result['student']['kwargs']} ({result['student']['params']:,} params, "
              f"{result['compression']:.0f}x fewer); {result['train']['steps']} steps x batch "
-             f"{result['train']['batch_size']}, seeds {result['seeds']}",
+             f"{result['train']['batch_size']}, seeds {result['seeds']}, {result['preset']} settings",
              "",
              "| method | top-1 % (mean ± std) | vs KD (paired) | ms / step | setting |",
              "|---|---|---|---|---|"]
@@ -370,6 +424,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--steps", type=int, default=None, help="student steps (default: the setup's)")
     parser.add_argument("--student-kwargs", type=json.loads, default=None,
                         help='another student size, e.g. \'{"channels": [16, 32, 32]}\'')
+    parser.add_argument("--preset", choices=PRESETS, default=None,
+                        help="published setting of the temperature-based rows (KD, DKD, DIST, KD+CRD): cifar100 "
+                             "(T=4) or imagenet (T=1); default: the dataset's (fashion_mnist imagenet, mnist1d "
+                             "cifar100)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -378,7 +436,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         run_dir = Path("runs") / "bench_methods" / args.dataset
     result = run_benchmark(args.dataset, quick=args.quick, run_dir=run_dir, methods=args.methods,
                            seeds=tuple(args.seeds) if args.seeds else None, steps=args.steps,
-                           student_kwargs=args.student_kwargs)
+                           student_kwargs=args.student_kwargs, preset=args.preset)
     result["command"] = " ".join(["OMP_NUM_THREADS=1", "python", "benchmarks/methods.py"] +
                                  (argv if argv is not None else sys.argv[1:]))
     result["environment"] = {"torch": torch.__version__, "python": platform.python_version(),
