@@ -195,8 +195,6 @@ def build_methods(preset: str = "cifar100") -> list[Method]:
                    f"CE + KD(T={kd_temperature:g}) + 0.8 * CRD", "Tian et al. 2020 (-r 1 -a 1 -b 0.8)")]
 
 
-METHODS: list[Method] = build_methods("cifar100")
-
 
 class CachedTeacher:
     """A frozen teacher's outputs for every training row, computed once and looked up by the batch's ``index``.
