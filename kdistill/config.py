@@ -146,6 +146,8 @@ class TrainConfig(_Strict):
     pin_memory: bool = False
     channels_last: bool = False
     compile: bool = False
+    group_by_length: bool = Field(False, description="batches of similar lengths (rows' attention_mask sums): "
+                                  "less padding for variable-length text; see kdistill.engine.sampler")
 
     @model_validator(mode="after")
     def _accum_divides(self) -> "TrainConfig":

@@ -8,6 +8,7 @@ from torch import nn
 
 from kdistill.config import TrainConfig
 from kdistill.data import ArrayDataset
+from kdistill.errors import DataError
 from kdistill.distiller import Distiller, LiveTeacher, Term
 from kdistill.engine import Engine, StepSampler
 from kdistill.engine.checkpoint import list_checkpoints
@@ -97,6 +98,31 @@ def test_sampler_is_a_pure_function_of_step():
     ranks = [StepSampler(100, 10, seed=3, rank=r, world_size=2) for r in (0, 1)]
     both = torch.cat([r.indices(0) for r in ranks])
     assert len(set(both.tolist())) == 20
+
+
+def test_length_grouped_sampler_keeps_epochs_and_groups_lengths():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 65, (1000,), generator=g)
+    grouped = StepSampler(1000, 8, seed=3, lengths=lengths)
+    plain = StepSampler(1000, 8, seed=3)
+    steps = grouped.steps_per_epoch
+    epoch = torch.cat([grouped.indices(s) for s in range(steps)])
+    assert sorted(epoch.tolist()) == sorted(plain._permutation(0)[:steps * 8].tolist())  # same rows per epoch
+    assert torch.equal(grouped.indices(7), StepSampler(1000, 8, seed=3, lengths=lengths).indices(7))  # pure
+    assert not torch.equal(epoch, torch.cat([grouped.indices(steps + s) for s in range(steps)]))    # reshuffled
+
+    def padded(sampler):  # mean padded length of a batch: what the model computes
+        return sum(int(lengths[sampler.indices(s)].max()) for s in range(steps)) / steps
+    assert padded(grouped) < 0.7 * padded(plain)
+    # batch order is shuffled, not sorted longest-first across the epoch
+    maxima = [int(lengths[grouped.indices(s)].max()) for s in range(steps)]
+    assert maxima != sorted(maxima, reverse=True)
+
+
+def test_group_by_length_needs_an_attention_mask(tmp_path):
+    cfg = TrainConfig(steps=2, batch_size=32, group_by_length=True)
+    with pytest.raises(DataError, match="attention_mask"):
+        Engine(cfg, tmp_path, progress=False).fit(Distiller(mlp(), None, [Term("ce", "ce")]), blobs())
 
 
 def test_interrupted_run_resumes_to_same_weights(tmp_path):

@@ -28,7 +28,7 @@ from torch import nn
 
 from kdistill.config import TrainConfig
 from kdistill.engine.checkpoint import CheckpointWriter, atomic_write_bytes, load_latest, set_rng_state
-from kdistill.engine.sampler import StepSampler
+from kdistill.engine.sampler import StepSampler, sample_lengths
 from kdistill.errors import KDError, NonFiniteError
 from kdistill.progress import Progress
 from kdistill.wiring import check_models_materialized, dry_run
@@ -255,7 +255,8 @@ class Engine:
 
         torch.manual_seed(self.seed * 7919 + rank)
         sampler = StepSampler(len(data), cfg.batch_size, seed=self.seed, rank=rank, world_size=world,
-                              name=getattr(data, "name", "data"))
+                              name=getattr(data, "name", "data"),
+                              lengths=sample_lengths(data) if cfg.group_by_length else None)
 
         check_models_materialized(distiller)  # a 'meta' model cannot even be moved: say so in one line
         side = distiller.side.to(device)
