@@ -73,3 +73,20 @@ def test_quick_benchmark_distils_the_real_teacher_and_exports_a_loadable_student
     assert torch.allclose(torch.as_tensor(st.encode(texts)), expected, atol=1e-5)
     plain = AutoModel.from_pretrained(path)
     assert plain.config.hidden_size == load_encoder_config(ROOT / "examples" / "minilm.yaml").student.hidden_size
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(_missing()), reason=f"needs {', '.join(_missing())}")
+def test_augmented_job_trains_on_the_added_sentences(tmp_path):
+    from kdistill.encoders.run import run_embedding_distillation
+
+    spec = importlib.util.spec_from_file_location("encoder_distill", ROOT / "benchmarks" / "encoder_distill.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.set_num_threads(1)
+    cfg = bench._override(load_encoder_config(ROOT / "examples" / "minilm.yaml"), {
+        **bench.QUICK, "data": {**bench.QUICK["data"], "augment": {"copies": 1}},
+        "scratch": {"objective": "none"}, "train": {**bench.QUICK["train"], "group_by_length": True}})
+    summary = run_embedding_distillation(cfg, None, log=lambda *_: None)
+    assert 0 < summary["corpus"]["train_augmented"] <= summary["corpus"]["train"]
+    assert summary["seconds"]["augmentation"] >= 0 and summary["spearman"] > summary["spearman_untrained"]

@@ -37,6 +37,15 @@ class StudentSpec(_Strict):
                                                                   "teacher's)")
 
 
+class AugmentSpec(_Strict):
+    """TinyBERT-style word replacement (`kdistill.encoders.augment`): new training sentences the teacher labels."""
+
+    copies: int = Field(1, ge=0, description="new sentences per training sentence (TinyBERT's N_a)")
+    p_replace: float = Field(0.4, gt=0, le=1, description="probability of replacing a word (TinyBERT's p_t)")
+    neighbours: int = Field(15, ge=1, description="candidates per word: nearest in the teacher's word embeddings")
+    seed: int = 0
+
+
 class CorpusSpec(_Strict):
     seed: int = 0
     heldout_articles: float = Field(0.15, gt=0, lt=1, description="fraction of Wikipedia articles held out")
@@ -45,6 +54,7 @@ class CorpusSpec(_Strict):
     max_heldout: int = Field(2000, ge=3, description="held-out sentences for the similarity Spearman")
     max_probe: Optional[int] = Field(None, ge=10, description="cap on labelled held-out tweets for the probe")
     max_length: int = Field(64, ge=8, le=512, description="tokens per sentence")
+    augment: Optional[AugmentSpec] = Field(None, description="add word-replaced copies of the training sentences")
 
 
 class TermSpec(_Strict):

@@ -4,6 +4,7 @@ trained on the one Engine, then evaluated and exported.
 Stages of `run_embedding_distillation(cfg, run_dir)`:
 
 1. corpus: training sentences (unlabeled Wikipedia + tweets), held-out sentences, held-out labelled tweets;
+   with ``data.augment``, word-replaced copies of the training sentences are added (TinyBERT's augmentation);
 2. teacher: its embeddings of all of them, computed once (the training loop reads the cache: no teacher forward
    per step);
 3. ``student``: the student (`build_student` from the teacher's config) learns the cached embeddings with the
@@ -25,6 +26,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from kdistill.encoders.augment import augment_sentences
 from kdistill.encoders.config import EncoderRunConfig
 from kdistill.encoders.data import load_sentence_corpus, sentence_dataset
 from kdistill.encoders.distiller import CachedEmbeddings, EncoderDistiller, EncoderTerm
@@ -87,17 +89,28 @@ def run_embedding_distillation(cfg: EncoderRunConfig, run_dir: Optional[Path] = 
     tokenizer = load_tokenizer(cfg.teacher.path)
     teacher = load_sentence_encoder(cfg.teacher.path)
     max_length, bs = cfg.data.max_length, cfg.eval.batch_size
+    train_texts = list(corpus.train)
+    if cfg.data.augment is not None and cfg.data.augment.copies:
+        aug = cfg.data.augment
+        with _timed(log, "augmentation") as t:
+            extra = augment_sentences(corpus.train, tokenizer, teacher.encoder.get_input_embeddings().weight,
+                                      copies=aug.copies, p_replace=aug.p_replace, neighbours=aug.neighbours,
+                                      seed=aug.seed)
+        seconds["augmentation"] = t.seconds
+        train_texts += extra
+        corpus.info["train_augmented"] = len(extra)
+        log(f"[encoders] augmentation: {len(extra)} word-replaced sentences added to {len(corpus.train)}")
 
     def embed(model, texts):
         return encode(model, texts, tokenizer, max_length=max_length, batch_size=bs)
 
-    with _timed(log, f"teacher embeddings of {len(corpus.train) + len(corpus.heldout) + len(corpus.probe_texts)} "
+    with _timed(log, f"teacher embeddings of {len(train_texts) + len(corpus.heldout) + len(corpus.probe_texts)} "
                      "sentences") as t:
-        teacher_train = embed(teacher, corpus.train)
+        teacher_train = embed(teacher, train_texts)
         teacher_heldout = embed(teacher, corpus.heldout)
         teacher_probe = embed(teacher, corpus.probe_texts)
     seconds["teacher_embeddings"] = t.seconds
-    data = sentence_dataset(corpus.train, tokenizer, max_length, name="train-sentences")
+    data = sentence_dataset(train_texts, tokenizer, max_length, name="train-sentences")
 
     student = build_embedding_student(cfg, teacher)
     untrained = build_embedding_student(cfg, teacher, from_teacher=False).eval()
