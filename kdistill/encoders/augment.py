@@ -62,7 +62,8 @@ class WordNeighbours:
                 self._cache[w] = [self.words[j] for j in row if self.words[j] != w][:self.k]
 
     def __call__(self, word: str) -> list[str]:
-        if word not in self._cache:
+        """The neighbours of `word` ([] for a word that is not a whole-word entry)."""
+        if word in self.index and word not in self._cache:
             self.prepare([word])
         return self._cache.get(word, [])
 
