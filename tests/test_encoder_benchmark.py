@@ -94,3 +94,33 @@ def test_augmented_job_trains_on_the_added_sentences(tmp_path):
     summary = run_embedding_distillation(cfg, None, log=lambda *_: None)
     assert 0 < summary["corpus"]["train_augmented"] <= summary["corpus"]["train"]
     assert summary["seconds"]["augmentation"] >= 0 and summary["spearman"] > summary["spearman_untrained"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(_missing()), reason=f"needs {', '.join(_missing())}")
+def test_a_second_run_in_the_same_folder_reuses_the_teacher_embeddings_and_the_finished_student(tmp_path):
+    from kdistill.encoders.run import EMBEDDINGS_FILE, run_embedding_distillation
+
+    bench = _benchmark_module()
+    torch.set_num_threads(1)
+    cfg = bench._override(load_encoder_config(ROOT / "examples" / "minilm.yaml"), {
+        **bench.QUICK, "scratch": {"objective": "none"}})
+    run_dir = tmp_path / "run"
+    first = run_embedding_distillation(cfg, run_dir, log=lambda *_: None)
+    assert not first["teacher_embeddings_cached"] and (run_dir / EMBEDDINGS_FILE).is_file()
+    assert first["resumed_from"] == {"student": None}
+    # the same job with the scratch baseline added: embeddings read back, the student stage resumes finished
+    with_scratch = bench._override(cfg, {"scratch": {"objective": "simcse"}})
+    second = run_embedding_distillation(with_scratch, run_dir, log=lambda *_: None)
+    assert second["teacher_embeddings_cached"]
+    assert second["resumed_from"]["student"] == cfg.train.steps and second["resumed_from"]["scratch"] is None
+    assert second["spearman"] == first["spearman"] and second["probe_acc_student"] == first["probe_acc_student"]
+    assert second["probe_acc_scratch"] is not None
+    # other sentences (a different corpus size) do not match the cache: computed again and overwritten
+    other = bench._override(cfg, {"data": {"max_heldout": 40}, "train": {"steps": 4}})
+    third = run_embedding_distillation(other, tmp_path / "run", log=lambda *_: None)
+    assert not third["teacher_embeddings_cached"]
+    # a damaged cache file is recomputed, not an error
+    (run_dir / EMBEDDINGS_FILE).write_bytes(b"not a safetensors file")
+    fourth = run_embedding_distillation(other, run_dir, log=lambda *_: None)
+    assert not fourth["teacher_embeddings_cached"]

@@ -6,7 +6,9 @@ Stages of `run_embedding_distillation(cfg, run_dir)`:
 1. corpus: training sentences (unlabeled Wikipedia + tweets), held-out sentences, held-out labelled tweets;
    with ``data.augment``, word-replaced copies of the training sentences are added (TinyBERT's augmentation);
 2. teacher: its embeddings of all of them, computed once (the training loop reads the cache: no teacher forward
-   per step);
+   per step); with a run directory they are also kept in ``RUN_DIR/teacher_embeddings.safetensors``, keyed by a
+   fingerprint of the teacher's weights, the tokenizer length and every sentence, so that running the job again
+   (resumed, or with the scratch baseline added) reuses them;
 3. ``student``: the student (`build_student` from the teacher's config) learns the cached embeddings with the
    configured terms (default: per-sentence cosine + batch similarity matrix);
 4. ``scratch``: the same architecture, random init, trained on the same sentences for the same steps without a
@@ -19,6 +21,7 @@ Stages of `run_embedding_distillation(cfg, run_dir)`:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -34,6 +37,7 @@ from kdistill.encoders.evaluate import encode, encode_latency_ms, linear_probe, 
 from kdistill.encoders.models import SentenceEncoder, load_sentence_encoder, load_tokenizer
 from kdistill.encoders.student import build_student
 from kdistill.engine import Engine
+from kdistill.engine.checkpoint import load_weights, save_weights
 from kdistill.evaluate.cost import param_count
 
 __all__ = ["build_embedding_student", "run_embedding_distillation", "terms_from_specs"]
@@ -60,6 +64,51 @@ def build_embedding_student(cfg: EncoderRunConfig, teacher: SentenceEncoder, *, 
                          num_heads=spec.num_heads, intermediate_size=spec.intermediate_size, embeddings=embeddings,
                          project_to_teacher=spec.project_to_teacher, seed=cfg.seed + 202 if seed is None else seed,
                          config_overrides=overrides or None)
+
+
+EMBEDDINGS_FILE = "teacher_embeddings.safetensors"
+
+
+def _embeddings_fingerprint(teacher: SentenceEncoder, max_length: int, texts: dict[str, list[str]]) -> str:
+    """sha256 of what the teacher's embeddings depend on: its weights (names, shapes, bytes), the tokenizer's
+    max length and every text of every set, in order."""
+    h = hashlib.sha256(f"max_length={max_length}\n".encode())
+    for name, tensor in sorted(teacher.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    for key, values in texts.items():
+        h.update(f"[{key}]{len(values)}\n".encode())
+        for text in values:
+            h.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    return h.hexdigest()
+
+
+def _teacher_embeddings(teacher: SentenceEncoder, texts: dict[str, list[str]], embed, max_length: int,
+                        run_dir: Optional[Path], log: Callable[[str], None]) -> tuple[dict[str, torch.Tensor], bool]:
+    """The teacher's embeddings of each set of `texts`: read from ``RUN_DIR/teacher_embeddings.safetensors``
+    when its fingerprint matches, else computed (and written there). Returns (embeddings, read_from_cache)."""
+    path = run_dir / EMBEDDINGS_FILE if run_dir is not None else None
+    fingerprint = _embeddings_fingerprint(teacher, max_length, texts) if path is not None else None
+    if path is not None and path.is_file():
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as fh:
+                saved = (fh.metadata() or {}).get("fingerprint")
+            if saved == fingerprint:
+                cached = load_weights(path)
+                if set(cached) == set(texts) and all(len(cached[k]) == len(v) for k, v in texts.items()):
+                    log(f"[encoders] teacher embeddings read from {path}")
+                    return cached, True
+            log(f"[encoders] {path} is for other sentences or another teacher: computing them again")
+        except Exception as err:  # noqa: BLE001 -- a damaged or foreign file (safetensors has its own errors)
+            log(f"warning: [encoders] cannot read {path} ({str(err).splitlines()[0]}): computing them again")
+    out = {key: embed(teacher, values) for key, values in texts.items()}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_weights(path, out, metadata={"fingerprint": fingerprint})
+    return out, False
 
 
 def _timed(log: Callable[[str], None], what: str):
@@ -106,9 +155,10 @@ def run_embedding_distillation(cfg: EncoderRunConfig, run_dir: Optional[Path] = 
 
     with _timed(log, f"teacher embeddings of {len(train_texts) + len(corpus.heldout) + len(corpus.probe_texts)} "
                      "sentences") as t:
-        teacher_train = embed(teacher, train_texts)
-        teacher_heldout = embed(teacher, corpus.heldout)
-        teacher_probe = embed(teacher, corpus.probe_texts)
+        cached, from_cache = _teacher_embeddings(
+            teacher, {"train": train_texts, "heldout": list(corpus.heldout), "probe": list(corpus.probe_texts)},
+            embed, max_length, run_dir, log)
+        teacher_train, teacher_heldout, teacher_probe = cached["train"], cached["heldout"], cached["probe"]
     seconds["teacher_embeddings"] = t.seconds
     data = sentence_dataset(train_texts, tokenizer, max_length, name="train-sentences")
 
@@ -122,13 +172,15 @@ def run_embedding_distillation(cfg: EncoderRunConfig, run_dir: Optional[Path] = 
     student = distiller.export_student().eval()
 
     scratch = None
+    resumed = {"student": result["resumed_from"]}
     if cfg.scratch.objective == "simcse":
         scratch_model = build_embedding_student(cfg, teacher, from_teacher=False, dropout=cfg.scratch.dropout)
         scratch_distiller = EncoderDistiller(scratch_model, None, [EncoderTerm(
             "simcse", "simcse", params={"temperature": cfg.scratch.temperature})])
         with _timed(log, "scratch (SimCSE, no teacher)") as t:
-            Engine(cfg.train, run_dir, stage="scratch", seed=cfg.seed + 3, progress=progress,
-                   log=log).fit(scratch_distiller, data)
+            scratch_result = Engine(cfg.train, run_dir, stage="scratch", seed=cfg.seed + 3, progress=progress,
+                                    log=log).fit(scratch_distiller, data)
+        resumed["scratch"] = scratch_result["resumed_from"]
         seconds["scratch_train"] = t.seconds
         scratch = scratch_distiller.export_student().eval()
 
@@ -175,6 +227,8 @@ def run_embedding_distillation(cfg: EncoderRunConfig, run_dir: Optional[Path] = 
         "latency_ratio": latency[str(cfg.eval.latency_batch_sizes[0])]["ratio"],
         "latency": latency,
         "torch_threads": torch.get_num_threads(),
+        "teacher_embeddings_cached": from_cache,
+        "resumed_from": resumed,                 # stage -> the checkpoint step it resumed from (None: from 0)
         "corpus": corpus.info,
         "train_terms": result["terms"],
         "models": report,
