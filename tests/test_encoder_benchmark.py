@@ -36,6 +36,18 @@ def test_example_config_parses_and_names_a_four_times_smaller_student():
     assert [t.loss for t in cfg.distill.terms] == ["embedding_cosine", "similarity_matrix"]
 
 
+def test_the_defaults_and_the_committed_run_config_are_the_example_config():
+    example = load_encoder_config(ROOT / "examples" / "minilm.yaml").model_dump()
+    defaults = parse_encoder_config({}).model_dump()
+    assert defaults["eval"].pop("probe_train_fraction") == pytest.approx(example["eval"].pop("probe_train_fraction"),
+                                                                         abs=1e-4)  # 2/3 in YAML
+    assert defaults == example
+    # benchmarks/results/encoder_distill.json was produced with this file: same settings as the example
+    committed = load_encoder_config(ROOT / "benchmarks" / "configs" / "minilm_augment_all.yaml").model_dump()
+    committed["eval"].pop("probe_train_fraction")
+    assert committed == example
+
+
 @pytest.mark.parametrize("data, message", [
     ({"distill": {"terms": [{"loss": "hidden_mes"}]}}, r"distill\.terms\[0\]\.loss: unknown encoder loss 'hidden_mes'"),
     ({"student": {"hidden": 128}}, r"student\.hidden: unknown field"),

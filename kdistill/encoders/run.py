@@ -39,6 +39,7 @@ from kdistill.encoders.student import build_student
 from kdistill.engine import Engine
 from kdistill.engine.checkpoint import load_weights, save_weights
 from kdistill.evaluate.cost import param_count
+from kdistill.teachers.cache import weights_fingerprint
 
 __all__ = ["build_embedding_student", "run_embedding_distillation", "terms_from_specs"]
 
@@ -70,13 +71,10 @@ EMBEDDINGS_FILE = "teacher_embeddings.safetensors"
 
 
 def _embeddings_fingerprint(teacher: SentenceEncoder, max_length: int, texts: dict[str, list[str]]) -> str:
-    """sha256 of what the teacher's embeddings depend on: its weights (names, shapes, bytes), the tokenizer's
-    max length and every text of every set, in order."""
-    h = hashlib.sha256(f"max_length={max_length}\n".encode())
-    for name, tensor in sorted(teacher.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    """sha256 of what the teacher's embeddings depend on: its weights (names, shapes, bytes), pooling and
+    normalization, the tokenizer's max length and every text of every set, in order."""
+    h = hashlib.sha256(f"teacher={weights_fingerprint(teacher)}\npooling={getattr(teacher, 'pooling', None)}\n"
+                       f"normalize={getattr(teacher, 'normalize', None)}\nmax_length={max_length}\n".encode())
     for key, values in texts.items():
         h.update(f"[{key}]{len(values)}\n".encode())
         for text in values:
