@@ -73,6 +73,9 @@ def test_quick_benchmark_distils_the_real_teacher_and_exports_a_loadable_student
     assert 0 < result["latency_ratio"] < 1  # the student embeds faster than the teacher
     # even a dozen steps move the student's similarity structure toward the teacher's
     assert result["spearman"] > result["spearman_untrained"]
+    # the example's word-replaced copies joined the training sentences (length-grouped batches)
+    assert 0 < result["corpus"]["train_augmented"] <= result["corpus"]["train"]
+    assert result["seconds"]["augmentation"] >= 0 and result["config"]["train"]["group_by_length"]
 
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
@@ -95,28 +98,14 @@ def test_quick_benchmark_distils_the_real_teacher_and_exports_a_loadable_student
 
 @pytest.mark.slow
 @pytest.mark.skipif(bool(_missing()), reason=f"needs {', '.join(_missing())}")
-def test_augmented_job_trains_on_the_added_sentences(tmp_path):
-    from kdistill.encoders.run import run_embedding_distillation
-
-    bench = _benchmark_module()
-    torch.set_num_threads(1)
-    cfg = bench._override(load_encoder_config(ROOT / "examples" / "minilm.yaml"), {
-        **bench.QUICK, "data": {**bench.QUICK["data"], "augment": {"copies": 1}},
-        "scratch": {"objective": "none"}, "train": {**bench.QUICK["train"], "group_by_length": True}})
-    summary = run_embedding_distillation(cfg, None, log=lambda *_: None)
-    assert 0 < summary["corpus"]["train_augmented"] <= summary["corpus"]["train"]
-    assert summary["seconds"]["augmentation"] >= 0 and summary["spearman"] > summary["spearman_untrained"]
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(bool(_missing()), reason=f"needs {', '.join(_missing())}")
 def test_a_second_run_in_the_same_folder_reuses_the_teacher_embeddings_and_the_finished_student(tmp_path):
     from kdistill.encoders.run import EMBEDDINGS_FILE, run_embedding_distillation
 
     bench = _benchmark_module()
     torch.set_num_threads(1)
     cfg = bench._override(load_encoder_config(ROOT / "examples" / "minilm.yaml"), {
-        **bench.QUICK, "scratch": {"objective": "none"}})
+        **bench.QUICK, "data": {**bench.QUICK["data"], "augment": None}, "scratch": {"objective": "none"},
+        "eval": {"latency_repeats": 1, "latency_batch_sizes": [1]}})
     run_dir = tmp_path / "run"
     first = run_embedding_distillation(cfg, run_dir, log=lambda *_: None)
     assert not first["teacher_embeddings_cached"] and (run_dir / EMBEDDINGS_FILE).is_file()
@@ -129,7 +118,7 @@ def test_a_second_run_in_the_same_folder_reuses_the_teacher_embeddings_and_the_f
     assert second["spearman"] == first["spearman"] and second["probe_acc_student"] == first["probe_acc_student"]
     assert second["probe_acc_scratch"] is not None
     # other sentences (a different corpus size) do not match the cache: computed again and overwritten
-    other = bench._override(cfg, {"data": {"max_heldout": 40}, "train": {"steps": 4}})
+    other = bench._override(cfg, {"data": {"max_heldout": 40}, "train": {"steps": 2}})
     third = run_embedding_distillation(other, tmp_path / "run", log=lambda *_: None)
     assert not third["teacher_embeddings_cached"]
     # a damaged cache file is recomputed, not an error
