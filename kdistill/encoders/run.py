@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+from safetensors import safe_open
 
 from kdistill.encoders.augment import augment_sentences
 from kdistill.encoders.config import EncoderRunConfig
@@ -37,7 +38,7 @@ from kdistill.encoders.evaluate import encode, encode_latency_ms, linear_probe, 
 from kdistill.encoders.models import SentenceEncoder, load_sentence_encoder, load_tokenizer
 from kdistill.encoders.student import build_student
 from kdistill.engine import Engine
-from kdistill.engine.checkpoint import load_weights, save_weights
+from kdistill.engine.checkpoint import save_weights
 from kdistill.evaluate.cost import param_count
 from kdistill.teachers.cache import weights_fingerprint
 
@@ -86,26 +87,22 @@ def _teacher_embeddings(teacher: SentenceEncoder, texts: dict[str, list[str]], e
                         run_dir: Optional[Path], log: Callable[[str], None]) -> tuple[dict[str, torch.Tensor], bool]:
     """The teacher's embeddings of each set of `texts`: read from ``RUN_DIR/teacher_embeddings.safetensors``
     when its fingerprint matches, else computed (and written there). Returns (embeddings, read_from_cache)."""
-    path = run_dir / EMBEDDINGS_FILE if run_dir is not None else None
-    fingerprint = _embeddings_fingerprint(teacher, max_length, texts) if path is not None else None
-    if path is not None and path.is_file():
+    if run_dir is None:
+        return {key: embed(teacher, values) for key, values in texts.items()}, False
+    path = run_dir / EMBEDDINGS_FILE
+    fingerprint = _embeddings_fingerprint(teacher, max_length, texts)
+    if path.is_file():
         try:
-            from safetensors import safe_open
-
             with safe_open(str(path), "pt") as fh:
-                saved = (fh.metadata() or {}).get("fingerprint")
-            if saved == fingerprint:
-                cached = load_weights(path)
-                if set(cached) == set(texts) and all(len(cached[k]) == len(v) for k, v in texts.items()):
+                if (fh.metadata() or {}).get("fingerprint") == fingerprint:
                     log(f"[encoders] teacher embeddings read from {path}")
-                    return cached, True
+                    return {key: fh.get_tensor(key) for key in texts}, True
             log(f"[encoders] {path} is for other sentences or another teacher: computing them again")
         except Exception as err:  # noqa: BLE001 -- a damaged or foreign file (safetensors has its own errors)
             log(f"warning: [encoders] cannot read {path} ({str(err).splitlines()[0]}): computing them again")
     out = {key: embed(teacher, values) for key, values in texts.items()}
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_weights(path, out, metadata={"fingerprint": fingerprint})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_weights(path, out, metadata={"fingerprint": fingerprint})
     return out, False
 
 
