@@ -11,26 +11,21 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from kdistill.configbase import Strict, format_validation_error, read_yaml, validate
 from kdistill.errors import ConfigError
+from kdistill.train_config import TrainConfig
 
 
-class _Strict(BaseModel):
-    """Unknown keys are errors (a typo must not be silently ignored); so are NaN and infinite numbers (an
-    infinite learning rate or weight passes 'greater than 0' and would fail only after training started)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
-class TransferConfig(_Strict):
+class TransferConfig(Strict):
     """Extra unlabeled inputs from the same generator, labelled only by the teacher (Bucila et al. 2006)."""
 
     size: int = Field(0, ge=0, description="number of extra unlabeled inputs (0 = none)")
     seed: int = Field(1, description="generator seed of the transfer set; must differ from the data seed")
 
 
-class AugmentConfig(_Strict):
+class AugmentConfig(Strict):
     """Random shifts / flips of the training inputs (see `kdistill.data.augment`)."""
 
     max_shift: int = Field(0, ge=0, description="shift each sample by up to this many positions per spatial axis")
@@ -39,7 +34,7 @@ class AugmentConfig(_Strict):
                                                          "store each view); unset = new randomness every step")
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     name: Literal["mnist1d", "digits", "fashion_mnist"] = "mnist1d"
     root: Optional[str] = Field(None, description="folder of the Fashion-MNIST IDX files")
     seed: int = Field(0, description="seed of the dataset generator / split")
@@ -48,7 +43,7 @@ class DataConfig(_Strict):
     augment: Optional[AugmentConfig] = Field(None, description="random augmentation of the training inputs")
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     """A built-in model by name (`mlp`, `cnn1d`, `cnn2d`, `resnet`) or any factory by import path."""
 
     name: str = Field(..., description="built-in name or 'package.module:factory'")
@@ -66,7 +61,7 @@ class ModelConfig(_Strict):
         return v
 
 
-class TermConfig(_Strict):
+class TermConfig(Strict):
     """One named loss term of the objective: weight * loss(student[tap], teacher[tap], **params)."""
 
     name: Optional[str] = Field(None, description="name in the logs (defaults to the loss name)")
@@ -80,15 +75,14 @@ class TermConfig(_Strict):
     @field_validator("loss")
     @classmethod
     def _known_loss(cls, v: str) -> str:
-        from kdistill.distiller import known_losses
+        from kdistill.losses import is_registered, loss_names
 
-        names = known_losses()
-        if v not in names:
-            raise ValueError(f"unknown loss '{v}'; allowed: {', '.join(sorted(names))}")
+        if not is_registered(v):
+            raise ValueError(f"unknown loss '{v}'; allowed: {', '.join(loss_names())}")
         return v
 
 
-class DistillConfig(_Strict):
+class DistillConfig(Strict):
     """The objective. Either `terms` (full control) or the Hinton shorthand `alpha`/`temperature`:
     loss = (1 - alpha) * CE(student, y) + alpha * T^2 * KL(softmax(t/T) || softmax(s/T))."""
 
@@ -124,39 +118,7 @@ class DistillConfig(_Strict):
         return terms
 
 
-class TrainConfig(_Strict):
-    steps: int = Field(1000, ge=1, description="optimizer steps")
-    batch_size: int = Field(128, ge=1, description="samples per optimizer step and per process")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step (batch_size must divide)")
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = Field(3e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    schedule: Literal["constant", "cosine", "linear", "onecycle"] = "onecycle"
-    warmup_steps: int = Field(0, ge=0)
-    clip_grad_norm: Optional[float] = Field(None, gt=0)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    eval_every: int = Field(0, ge=0, description="evaluate every N steps (0 = only at the end)")
-    log_every: int = Field(50, ge=1, description="host sync and metrics line every N steps")
-    checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps (0 = only at the end)")
-    keep_checkpoints: int = Field(2, ge=1)
-    deterministic: bool = False
-    nonfinite: Literal["skip", "stop"] = "stop"
-    num_workers: int = Field(0, ge=0)
-    pin_memory: bool = False
-    channels_last: bool = False
-    compile: bool = False
-    group_by_length: bool = Field(False, description="batches of similar lengths (rows' attention_mask sums): "
-                                  "less padding for variable-length text; see kdistill.engine.sampler")
-
-    @model_validator(mode="after")
-    def _accum_divides(self) -> "TrainConfig":
-        if self.batch_size % self.grad_accum:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
-        return self
-
-
-class CacheConfig(_Strict):
+class CacheConfig(Strict):
     """Store the teacher's outputs once (`kdistill cache build`) and train the student from them."""
 
     dir: Optional[str] = Field(None, description="cache folder (default: RUN_DIR/teacher-cache)")
@@ -173,20 +135,20 @@ class TeacherConfig(ModelConfig):
     cache: Optional[CacheConfig] = Field(None, description="train the student from stored teacher outputs")
 
 
-class EvalConfig(_Strict):
+class EvalConfig(Strict):
     latency_repeats: int = Field(50, ge=1)
     throughput_batch: int = Field(256, ge=1)
     ece_bins: int = Field(15, ge=2)
 
 
 # -- training schemes: who teaches whom, and when (see docs/schemes.md) ----------------------------------------
-class OfflineScheme(_Strict):
+class OfflineScheme(Strict):
     """A frozen teacher (trained first when it has no weights) teaches the student (Hinton et al. 2015)."""
 
     name: Literal["offline"] = "offline"
 
 
-class MutualScheme(_Strict):
+class MutualScheme(Strict):
     """Deep mutual learning (Zhang et al. 2018): peers trained together from scratch, each with CE plus
     KL to the average of the other peers' predictions."""
 
@@ -203,7 +165,7 @@ class MutualScheme(_Strict):
         return v
 
 
-class BornAgainScheme(_Strict):
+class BornAgainScheme(Strict):
     """Born-again networks (Furlanello et al. 2018): generation k+1 (the student's architecture) learns from
     the frozen generation k with the `distill` objective; generation 0 learns from labels."""
 
@@ -212,7 +174,7 @@ class BornAgainScheme(_Strict):
     ensemble: bool = Field(True, description="also evaluate the ensemble of generations 1..K")
 
 
-class ByotScheme(_Strict):
+class ByotScheme(Strict):
     """Be Your Own Teacher (Zhang et al. 2019): auxiliary classifier exits on intermediate student taps,
     supervised by the labels and by the final output."""
 
@@ -224,7 +186,7 @@ class ByotScheme(_Strict):
     hidden: int = Field(128, ge=1, description="hidden width of an exit head")
 
 
-class SnapshotScheme(_Strict):
+class SnapshotScheme(Strict):
     """Progressive self-knowledge distillation (Kim et al. 2021): the target is (1 - a_t) y + a_t p_prev(x),
     p_prev the model's own prediction for x in the previous epoch, a_t rising linearly to `alpha`."""
 
@@ -232,7 +194,7 @@ class SnapshotScheme(_Strict):
     alpha: float = Field(0.8, ge=0, le=1)
 
 
-class MultiTeacherScheme(_Strict):
+class MultiTeacherScheme(Strict):
     """Several teachers (any architectures) combined into one soft target."""
 
     name: Literal["multi_teacher"]
@@ -252,7 +214,7 @@ class MultiTeacherScheme(_Strict):
         return self
 
 
-class SpecialistsScheme(_Strict):
+class SpecialistsScheme(Strict):
     """Specialist ensembles (Hinton et al. 2015, sec. 5): the teacher is the generalist; specialists learn
     confusable class groups (plus a dustbin class); generalist + specialists teach the student."""
 
@@ -265,7 +227,7 @@ class SpecialistsScheme(_Strict):
     top_k: int = Field(2, ge=1, description="a specialist is used when its group meets the generalist's top k")
 
 
-class AssistantScheme(_Strict):
+class AssistantScheme(Strict):
     """Teacher-assistant chain (Mirzadeh et al. 2020): teacher -> assistant(s) -> student."""
 
     name: Literal["assistant"]
@@ -275,7 +237,7 @@ class AssistantScheme(_Strict):
     direct: bool = Field(True, description="also distil the student directly from the teacher")
 
 
-class LifelongScheme(_Strict):
+class LifelongScheme(Strict):
     """Learning without Forgetting (Li & Hoiem 2016): learn new classes while distilling the old model's
     outputs on the new data; compared with plain fine-tuning."""
 
@@ -296,7 +258,7 @@ class LifelongScheme(_Strict):
         return self
 
 
-class CrossModalScheme(_Strict):
+class CrossModalScheme(Strict):
     """Teacher and student read different views of the same sample: 'identity', 'downsample:F',
     'noise:STD', or a chain like 'downsample:2+noise:0.5'."""
 
@@ -305,7 +267,7 @@ class CrossModalScheme(_Strict):
     student_view: str = "downsample:2"
 
 
-class SelectiveScheme(_Strict):
+class SelectiveScheme(Strict):
     """Selective teacher intervention: the teacher's terms count only at positions (samples, or tokens of
     3-D logits) where student and teacher diverge by more than a threshold."""
 
@@ -323,7 +285,8 @@ SchemeConfig = Union[OfflineScheme, MutualScheme, BornAgainScheme, ByotScheme, S
 SCHEMES_WITH_TEACHER = ("offline", "specialists", "assistant", "cross_modal", "selective")
 
 
-class RunConfig(_Strict):
+class RunConfig(Strict):
+    task: Literal["classification"] = "classification"
     seed: int = 0
     data: DataConfig = DataConfig()
     teacher: Optional[TeacherConfig] = Field(None, description="required by schemes offline, specialists, assistant, "
@@ -370,81 +333,18 @@ class RunConfig(_Strict):
         return self
 
 
-def _field_path(loc: tuple[Union[int, str], ...]) -> str:
-    out = ""
-    for i, part in enumerate(loc):
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part.startswith("function-") or part.endswith("]"):
-            continue
-        elif i and loc[i - 1] == "scheme" and out == "scheme":
-            continue  # the union tag (scheme name) is not a field
-        else:
-            out += ("." if out else "") + part
-    return out or "(top level)"
-
-
-def format_validation_error(err: ValidationError, source: str = "config") -> str:
-    """One line: the first problem, its field path, and what is allowed."""
-    first = err.errors()[0]
-    path = _field_path(tuple(first.get("loc", ())))
-    kind = first.get("type", "")
-    msg = first.get("msg", "invalid value")
-    if kind == "extra_forbidden":
-        msg = "unknown field; remove it or check its spelling"
-    elif kind == "missing":
-        msg = "required field is missing"
-    elif kind == "literal_error":
-        expected = (first.get("ctx") or {}).get("expected", "")
-        got = repr(first.get("input"))
-        msg = f"got {got if len(got) <= 80 else got[:77] + '...'}; allowed: {expected}"
-    elif kind in ("union_tag_invalid", "union_tag_not_found"):
-        ctx = first.get("ctx") or {}
-        msg = f"unknown name {ctx.get('tag')!r}; allowed: {ctx.get('expected_tags', '')}" \
-            if kind == "union_tag_invalid" else "the 'name' field is missing"
-    elif "input" in first and kind not in ("value_error",):
-        got = repr(first.get("input"))
-        msg = f"{msg} (got {got if len(got) <= 80 else got[:77] + '...'})"
-    msg = msg.replace("Value error, ", "")
-    more = len(err.errors()) - 1
-    tail = f" (+{more} more problem{'s' if more > 1 else ''})" if more else ""
-    return " ".join(f"{source}: {path}: {msg}{tail}".split())
-
-
 def parse_config(data: Any, source: str = "config") -> RunConfig:
-    if data is None:
-        raise ConfigError(f"{source}: the config is empty", fix="see examples/*.yaml")
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of fields, got {type(data).__name__}",
-                          fix="see examples/*.yaml")
+    cfg = validate(RunConfig, data, source)
     try:
-        cfg = RunConfig.model_validate(data)
         dump_config(cfg)  # free-form values (kwargs, params) must be writable to the run's config.yaml
-        return cfg
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
     except (ValueError, RecursionError):  # a YAML alias cycle (&a ... *a) or absurdly deep nesting
         raise ConfigError(f"{source}: a value refers to itself (a YAML alias cycle) or is nested too deeply",
                           fix="write the value out instead of using an alias") from None
+    return cfg
 
 
 def load_config(path: Union[str, Path]) -> RunConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}", fix="give the path of a YAML file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        problem = getattr(err, "problem", None) or "malformed YAML"
-        raise ConfigError(f"{path}: YAML syntax error at {where}: {problem}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a UTF-8 text file") from None
-    except (ValueError, RecursionError) as err:  # e.g. an integer of thousands of digits, nesting too deep
-        problem = "nested too deeply" if isinstance(err, RecursionError) else str(err).split(";")[0][:120]
-        raise ConfigError(f"{path}: unreadable YAML value: {problem}") from None
-    return parse_config(data, str(path))
+    return parse_config(read_yaml(path), str(path))
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -15,7 +15,6 @@ under `torch.inference_mode()` and is never wrapped in DDP.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
 import torch
@@ -23,54 +22,15 @@ from torch import nn
 
 from kdistill.adapters import build_adapter
 from kdistill.errors import WiringError
+from kdistill.losses import call_term, get_loss
 from kdistill.losses.sparse import SparseDistribution, sparse_loss
+from kdistill.objective import DistillOutput, Term
+from kdistill.outputs import LOGITS, call_model, logits_of
 from kdistill.taps import Taps
+from kdistill.teachers.live import LiveTeacher
 
-LOGITS = "logits"
-
-
-def known_losses() -> set[str]:
-    from kdistill import losses
-
-    return set(losses.LOSSES) | set(losses.MODULE_LOSSES)
-
-
-def logits_of(output: Any) -> torch.Tensor:
-    """The logits of a model output: a tensor, `.logits` of a Hugging Face output, or the first tuple item."""
-    if torch.is_tensor(output):
-        return output
-    if hasattr(output, "logits") and output.logits is not None:
-        return output.logits
-    if isinstance(output, Mapping) and "logits" in output:
-        return output["logits"]
-    if isinstance(output, (tuple, list)) and output and torch.is_tensor(output[0]):
-        return output[0]
-    raise WiringError(f"cannot find logits in a model output of type {type(output).__name__}",
-                      fix="return a tensor, a tuple whose first item is the logits, or an object with .logits")
-
-
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    return model(inputs)
-
-
-@dataclass
-class Term:
-    """One named term of the objective: weight * loss(student[student_tap], teacher[teacher_tap], **params)."""
-
-    name: str
-    loss: str
-    weight: float = 1.0
-    student: str = LOGITS
-    teacher: str = LOGITS
-    params: dict = field(default_factory=dict)
-    warmup_steps: int = 0
-
-    def weight_at(self, step: int) -> float:
-        if self.warmup_steps and step < self.warmup_steps:
-            return self.weight * (step + 1) / self.warmup_steps
-        return self.weight
+__all__ = ["Distiller", "DistillOutput", "LiveTeacher", "StudentSide", "Term", "needs_adapter", "split_taps",
+           "terms_from_config"]
 
 
 # Which terms get an adapter. Losses that compare student and teacher element by element need equal shapes:
@@ -79,20 +39,20 @@ class Term:
 # transfer compares channel-averaged maps (any channel counts; spatial sizes are interpolated), relation losses
 # compare sample-to-sample relations (only the batch size must match) and CRD has its own embedding heads: none of
 # them gets an adapter, since a projection would only add parameters the loss does not need.
-SAME_SHAPE_LOSSES = ("hint", "hidden_mse", "hidden_cosine")
-RESPONSE_LOSSES = ("kd", "kl", "jsd", "skew_kl", "tvd", "dkd", "dist")
-
-
 def needs_adapter(loss: str, student_shape: torch.Size, teacher_shape: torch.Size) -> bool:
     """True when a term of `loss` pairs tensors whose shapes it cannot compare without a projection."""
-    return loss in SAME_SHAPE_LOSSES and tuple(student_shape) != tuple(teacher_shape)
+    return get_loss(loss).same_shape and tuple(student_shape) != tuple(teacher_shape)
+
+
+def _reads_teacher(term: Term) -> bool:
+    return get_loss(term.loss, where=f"term '{term.name}'").needs_teacher
 
 
 def split_taps(terms: list[Term], taps: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """(student taps, teacher taps): each side gets the taps its terms read (one name space for both sides, so a
     config can tap ``features`` on the student and ``layer3`` on the teacher under different names)."""
     student = {t.student for t in terms if t.student != LOGITS}
-    teacher = {t.teacher for t in terms if t.teacher != LOGITS and t.loss != "ce"}
+    teacher = {t.teacher for t in terms if t.teacher != LOGITS and _reads_teacher(t)}
     return ({k: v for k, v in taps.items() if k in student}, {k: v for k, v in taps.items() if k in teacher})
 
 
@@ -108,61 +68,6 @@ def terms_from_config(term_cfgs) -> list[Term]:
     return terms
 
 
-class LiveTeacher:
-    """A frozen teacher model run live: eval mode, no grad, inference mode, optional taps."""
-
-    def __init__(self, model: nn.Module, taps: Optional[Mapping[str, str]] = None):
-        self.model = model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.taps = Taps(self.model, taps or {}) if taps else None
-
-    def to(self, device) -> "LiveTeacher":
-        self.model.to(device)
-        return self
-
-    def __call__(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        inputs = batch.get("teacher_x", batch["x"])
-        if self.model.training:
-            self.model.eval()
-        with torch.inference_mode():
-            if self.taps is not None:
-                with self.taps:
-                    out = call_model(self.model, inputs)
-                    values = self.taps.pop()
-            else:
-                out = call_model(self.model, inputs)
-                values = {}
-            values[LOGITS] = logits_of(out)
-        # inference tensors cannot be saved for backward: clone into normal tensors (cheap: outputs only)
-        return {k: v.clone() if torch.is_tensor(v) else v for k, v in values.items()}
-
-
-def _resolve(term: Term) -> tuple[str, Optional[Callable]]:
-    """How a term is called: ("ce" | "labels" | "plain", fn) or ("module", None) for stateful losses."""
-    from kdistill import losses
-
-    if term.loss in losses.MODULE_LOSSES:
-        return "module", None
-    if term.loss not in losses.LOSSES:
-        raise WiringError(f"unknown loss '{term.loss}' in term '{term.name}'",
-                          fix=f"choose one of {', '.join(sorted(known_losses()))}")
-    fn = losses.LOSSES[term.loss]
-    if term.loss == "ce":
-        return "ce", fn
-    return ("labels" if term.loss in losses.NEEDS_LABELS else "plain"), fn
-
-
-def _call_loss(fn: Callable, term: Term, s: Any, t: Any, labels: Optional[torch.Tensor]) -> torch.Tensor:
-    """Call a functional loss with the term's calling convention (outside the hot loop)."""
-    kind, _ = _resolve(term)
-    if kind == "ce":
-        return fn(s, labels, **term.params)
-    if kind == "labels":
-        return fn(s, t, labels, **term.params)
-    return fn(s, t, **term.params)
-
-
 class StudentSide(nn.Module):
     """Everything that trains: the student, lazily built adapters and stateful losses (e.g. CRD's queue).
 
@@ -175,7 +80,7 @@ class StudentSide(nn.Module):
         self.adapters = nn.ModuleDict()
         self.loss_modules = nn.ModuleDict()
         self.terms = terms
-        self._calls = [_resolve(t) for t in terms]  # resolved once: no lookups in the hot loop
+        self.specs = [get_loss(t.loss, where=f"term '{t.name}'") for t in terms]  # resolved once, not per step
         self.student_tap_specs = dict(student_taps)
         self._taps = Taps(student, self.student_tap_specs) if self.student_tap_specs else None
         self.step = 0
@@ -193,35 +98,24 @@ class StudentSide(nn.Module):
     def forward(self, inputs: Any, teacher_values: Mapping[str, Any], labels: Optional[torch.Tensor]):
         out, values = self.run_student(inputs)
         values[LOGITS] = logits_of(out)
+        self.before_terms(values, teacher_values, labels)
         terms = {}
-        for term, (kind, fn) in zip(self.terms, self._calls):
+        for term, spec in zip(self.terms, self.specs):
             s = values[term.student]
             if term.name in self.adapters:
                 s = self.adapters[term.name](s)
-            if kind == "ce":
-                value = fn(s, labels, **term.params)
-            elif kind == "plain":
-                t = teacher_values[term.teacher]
-                if isinstance(t, SparseDistribution):  # a top-k teacher (cache): the k + 1 bucket version
-                    value = sparse_loss(term.loss, s, t, term.params)
-                else:
-                    value = fn(s, t, **term.params)
-            elif kind == "labels":
-                value = fn(s, teacher_values[term.teacher], labels, **term.params)
-            else:
-                value = self.loss_modules[term.name](s.flatten(1), teacher_values[term.teacher].flatten(1))
+            value = self.value_of(term, spec, s, teacher_values.get(term.teacher), labels)
             terms[term.name] = value * term.weight_at(self.step)
         return out, terms
 
+    def before_terms(self, values: Mapping[str, Any], teacher_values: Mapping[str, Any], labels) -> None:
+        """A hook before the terms are evaluated (the selective scheme computes its gate here)."""
 
-@dataclass
-class DistillOutput:
-    output: Any
-    terms: dict[str, torch.Tensor]
-
-    @property
-    def loss(self) -> torch.Tensor:
-        return sum(self.terms.values())
+    def value_of(self, term: Term, spec, student: Any, teacher: Any, labels: Optional[torch.Tensor]):
+        """The unweighted value of one term."""
+        if spec.module is not None:
+            return self.loss_modules[term.name](student.flatten(1), teacher.flatten(1))
+        return call_term(spec, student, teacher, labels, term.params)
 
 
 class Distiller:
@@ -237,7 +131,7 @@ class Distiller:
         if isinstance(teacher, nn.Module):
             teacher = LiveTeacher(teacher, teacher_taps)
         self.teacher = teacher
-        needs_teacher = [t.name for t in terms if t.loss != "ce"]
+        needs_teacher = [t.name for t in terms if _reads_teacher(t)]
         if needs_teacher and teacher is None:
             raise WiringError(f"terms {needs_teacher} need a teacher but none is given",
                               fix="configure a teacher or use only 'ce'")
@@ -260,7 +154,7 @@ class Distiller:
                 raise WiringError(f"term '{term.name}' uses student tap '{term.student}' which is not defined",
                                   where="distill.terms", fix=f"define it under distill.taps; defined: "
                                                              f"{sorted(student_taps) or 'none'}")
-            if teacher_taps is not None and term.loss != "ce" and term.teacher != LOGITS and \
+            if teacher_taps is not None and _reads_teacher(term) and term.teacher != LOGITS and \
                     term.teacher not in teacher_taps:
                 raise WiringError(f"term '{term.name}' uses teacher tap '{term.teacher}' which is not defined",
                                   where="distill.terms", fix=f"define it under distill.taps; defined: "
@@ -283,8 +177,6 @@ class Distiller:
     @torch.no_grad()
     def build(self, batch: Mapping[str, Any]) -> None:
         """Dry-run one batch: resolve taps, check shapes, build adapters and stateful losses."""
-        from kdistill import losses
-
         tv = self.teacher_values(batch)
         was_training = self.side.training
         self.side.eval()
@@ -294,9 +186,9 @@ class Distiller:
             self.side.train(was_training)
         values[LOGITS] = logits_of(out)
         labels = batch.get("y")
-        for term in self.terms:
+        for term, spec in zip(self.terms, self.side.specs):
             s = values[term.student]
-            if term.loss == "ce":
+            if spec.kind == "label":
                 self._check_labels(term, s, labels)
                 continue
             t = tv.get(term.teacher)
@@ -314,9 +206,9 @@ class Distiller:
                                   f"{type(t).__name__}", fix="add a selector, e.g. 'layer:0'")
             if s.dtype.is_floating_point and t.dtype.is_floating_point is False:
                 raise WiringError(f"term '{term.name}': teacher output has dtype {t.dtype}")
-            if term.loss in losses.MODULE_LOSSES:
+            if spec.module is not None:
                 if term.name not in self.side.loss_modules:
-                    cls = losses.MODULE_LOSSES[term.loss]
+                    cls = spec.module
                     try:
                         mod = cls(int(s[0].numel()), int(t[0].numel()), **term.params)
                     except TypeError as err:
@@ -326,11 +218,11 @@ class Distiller:
                                           fix="check the term's params against docs/methods.md") from None
                     self.side.loss_modules[term.name] = mod.to(s.device)
                 continue
-            if term.loss in RESPONSE_LOSSES and s.shape != t.shape:
+            if spec.kind == "response" and s.shape != t.shape:
                 raise WiringError(f"term '{term.name}': student output {tuple(s.shape)} and teacher output "
                                   f"{tuple(t.shape)} differ (class counts must match)",
                                   fix="give the student as many outputs as the teacher has classes")
-            if term.loss == "dkd":
+            if spec.needs_labels:
                 self._check_labels(term, s, labels)
             if needs_adapter(term.loss, s.shape, t.shape):
                 if not self.allow_adapters:
@@ -341,17 +233,15 @@ class Distiller:
                     self.side.adapters[term.name] = adapter.to(device=s.device, dtype=s.dtype)
             if term.name in self.side.adapters:
                 s = self.side.adapters[term.name](s)
-            self._dry_run_loss(term, s, t, labels)
+            self._dry_run_loss(spec, term, s, t, labels)
         self.built = True
 
     @staticmethod
-    def _dry_run_loss(term: Term, s: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor]) -> None:
+    def _dry_run_loss(spec, term: Term, s: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor]) -> None:
         """Call the loss once on the first batch so a wiring problem stops the run before training, naming the
         term (stateful losses such as CRD are skipped: calling them would change their state)."""
-        from kdistill import losses
-
         try:
-            _call_loss(losses.LOSSES[term.loss], term, s, t, labels)
+            call_term(spec, s, t, labels, term.params)
         except WiringError as err:
             raise WiringError(f"term '{term.name}' ({term.loss}): {err.what}", where=err.where, fix=err.fix) \
                 from None

@@ -137,7 +137,7 @@ def check_vocabularies(student: nn.Module, teacher: Any, tokenizer: Any = None) 
     if not (hasattr(getattr(student, "config", None), "vocab_size")
             and hasattr(getattr(teacher, "config", None), "vocab_size")):
         return
-    from kdistill.llm.vocab import check_vocab
+    from kdistill.models.vocab import check_vocab
 
     check_vocab(student, teacher, tokenizer=tokenizer)
 
@@ -204,7 +204,7 @@ def preflight(stages: Iterable[tuple[str, Any, Any, Any]], *, device: Optional[t
     `stages` holds (name, distiller, dataset, train_config); the distillers should hold throw-away copies of the
     models (the dry run freezes a teacher and builds adapters). RNG states are left as they were. A fault raises
     the `KDError` of `dry_run`/`check_data` with the stage's name added to its `where`."""
-    from kdistill.data.builtin import preserved_global_rng
+    from kdistill.seeding import preserved_global_rng
 
     device = device or torch.device("cpu")
     with torch.random.fork_rng(devices=[]), preserved_global_rng():

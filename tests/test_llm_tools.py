@@ -18,7 +18,7 @@ from kdistill.data.text import lm_blocks, split_by_article, wiki_articles  # noq
 from kdistill.llm import hf  # noqa: E402
 from kdistill.llm.student import decoder_layers_path, student_from_teacher  # noqa: E402
 from kdistill.llm.token_loss import get_output_head, token_kd_loss  # noqa: E402
-from kdistill.llm.vocab import check_vocab  # noqa: E402
+from kdistill.models.vocab import check_vocab  # noqa: E402
 
 VOCAB = 48
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kdistill.errors import WiringError
-from kdistill.losses import LOSSES, MODULE_LOSSES, NEEDS_LABELS, CRDLoss, ce, dist, dkd, jsd, kd, kl, skew_kl, tvd
+from kdistill.losses import CRDLoss, call_term, get_loss, loss_names, ce, dist, dkd, jsd, kd, kl, skew_kl, tvd
 
 
 @pytest.fixture(autouse=True)
@@ -482,14 +482,24 @@ def test_registry_names_aliases_and_label_convention():
         "ce", "kd", "kl", "jsd", "skew_kl", "tvd", "dkd", "dist", "hint", "attention_transfer", "at",
         "rkd_distance", "rkd_angle", "similarity_preserving", "sp", "pkt", "correlation_congruence", "cc",
     }
-    assert expected <= set(LOSSES)
-    assert LOSSES["at"] is LOSSES["attention_transfer"]
-    assert LOSSES["sp"] is LOSSES["similarity_preserving"]
-    assert LOSSES["cc"] is LOSSES["correlation_congruence"]
-    assert MODULE_LOSSES == {"crd": CRDLoss}
-    assert NEEDS_LABELS == ("ce", "dkd")
+    assert expected <= set(loss_names())
+    assert get_loss("at") is get_loss("attention_transfer")
+    assert get_loss("sp") is get_loss("similarity_preserving")
+    assert get_loss("cc") is get_loss("correlation_congruence")
+    assert [n for n in loss_names() if get_loss(n).module is not None] == ["crd"]
+    assert get_loss("crd").module is CRDLoss
+    assert [n for n in loss_names() if get_loss(n).needs_labels] == ["ce", "dkd"]
+    assert [n for n in loss_names() if get_loss(n).sparse] == ["jsd", "kd", "kl", "skew_kl", "tvd"]
+    assert [n for n in loss_names() if get_loss(n).gating] == ["jsd", "kd", "kl", "skew_kl", "tvd"]
     s, t, y = torch.randn(4, 5), torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
-    for name in NEEDS_LABELS:  # uniform call convention fn(student, teacher, labels)
-        assert torch.isfinite(LOSSES[name](s, t, y))
+    assert torch.allclose(call_term(get_loss("ce"), s, t, y, {}), ce(s, y))   # label losses ignore the teacher
+    assert torch.allclose(call_term(get_loss("dkd"), s, t, y, {}), dkd(s, t, y))
     for name in ("kd", "kl", "jsd", "skew_kl", "tvd", "dist", "hint", "rkd_distance", "rkd_angle", "sp", "pkt", "cc"):
-        assert torch.isfinite(LOSSES[name](s, t))
+        assert torch.isfinite(call_term(get_loss(name), s, t, None, {}))
+
+
+def test_unknown_loss_names_the_closest():
+    from kdistill.errors import WiringError
+
+    with pytest.raises(WiringError, match="did you mean 'kd'"):
+        get_loss("kdd")

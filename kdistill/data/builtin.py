@@ -21,21 +21,10 @@ import numpy as np
 import torch
 
 from kdistill.data.arrays import ArrayDataset, DataBundle, as_float
+from kdistill.seeding import preserved_global_rng
 from kdistill.errors import DataError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-
-
-@contextmanager
-def preserved_global_rng():
-    """Run a block that reseeds numpy/python global RNGs without changing the caller's RNG state."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    try:
-        yield
-    finally:
-        np.random.set_state(np_state)
-        random.setstate(py_state)
 
 
 def _mnist1d_raw(seed: int, num_samples: int) -> dict:

@@ -9,7 +9,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from kdistill.config import TrainConfig, format_validation_error
+from kdistill.configbase import format_validation_error
+from kdistill.train_config import TrainConfig
 from kdistill.errors import ConfigError
 
 __all__ = ["EncoderRunConfig", "load_encoder_config", "parse_encoder_config"]

@@ -15,7 +15,6 @@ write (full disk, read-only folder) raises a one-line `CheckpointError` and leav
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -26,108 +25,13 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save as safetensors_save
+from safetensors.torch import load_file
 
 from kdistill.errors import CheckpointError
+from kdistill.files import (atomic_write_bytes, fsync_dir, load_weights, os_reason, safetensors_bytes, save_weights,
+                            sha256)
 
 PREFIX = "step-"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file atomically: temp file in the same folder, fsync, rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        raise CheckpointError(f"cannot write {path}: {_reason(err)}", fix="check free space and permissions") \
-            from None
-    _fsync_dir(path.parent)
-
-
-def _reason(err: BaseException) -> str:
-    """The one-line cause of a failed write: the OS's words ("No space left on device"), not a traceback."""
-    if isinstance(err, OSError) and err.strerror:
-        return err.strerror
-    text = str(err).strip().splitlines()
-    return text[0][:200] if text else type(err).__name__
-
-
-def safetensors_bytes(state_dict: dict[str, torch.Tensor], metadata: Optional[dict] = None) -> tuple[bytes, memoryview]:
-    """(header, data) of a safetensors file with a canonical header: keys sorted, so that equal tensors and
-    metadata always give equal bytes (safetensors itself writes metadata in a per-process hash order)."""
-    tensors = {k: v.detach().contiguous().cpu().clone() for k, v in state_dict.items()}
-    raw = safetensors_save(tensors, metadata={k: str(v) for k, v in (metadata or {}).items()})
-    size = int.from_bytes(raw[:8], "little")
-    header = json.dumps(json.loads(raw[8:8 + size]), sort_keys=True, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    return len(header).to_bytes(8, "little") + header, memoryview(raw)[8 + size:]
-
-
-def save_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
-    """Save tensors as safetensors, atomically and byte-reproducibly (shared storage is cloned: safetensors
-    refuses aliases). A failed write (full disk, no permission) is a one-line `CheckpointError`."""
-    path = Path(path)
-    header, data = safetensors_bytes(state_dict, metadata)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(header)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        raise CheckpointError(f"cannot write {path}: {_reason(err)}", fix="check free space and permissions") \
-            from None
-    _fsync_dir(path.parent)
-
-
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights file not found: {path}")
-    try:
-        return load_file(str(path))
-    except Exception as err:  # safetensors raises its own error types for damaged files
-        raise CheckpointError(f"cannot read weights {path}: {err}", fix="the file is damaged; re-create it") \
-            from None
 
 
 def rng_state() -> dict[str, Any]:
@@ -232,16 +136,16 @@ class CheckpointWriter:
                     fh.write(json.dumps(meta, indent=1))
                     fh.flush()
                     os.fsync(fh.fileno())
-                _fsync_dir(tmp)
+                fsync_dir(tmp)
                 if final.exists():
                     shutil.rmtree(final)
                 os.replace(tmp, final)
-                _fsync_dir(self.folder)
+                fsync_dir(self.folder)
                 self._prune()
         except (OSError, CheckpointError) as err:
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
-            reason = _reason(err) if isinstance(err, OSError) else err.what.rpartition(": ")[2]
+            reason = os_reason(err) if isinstance(err, OSError) else err.what.rpartition(": ")[2]
             raise CheckpointError(f"cannot write checkpoint {final}: {reason}",
                                   fix="free disk space or make the run directory writable, then run the same "
                                       "command again; earlier checkpoints are intact") from None
@@ -278,7 +182,7 @@ def verify(ckpt: Path) -> Optional[str]:
             if sha256(path) != digest:
                 return f"{name} checksum mismatch (damaged or truncated)"
         except OSError as err:
-            return f"{name} unreadable ({_reason(err)})"
+            return f"{name} unreadable ({os_reason(err)})"
     return None
 
 

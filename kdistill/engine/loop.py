@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from kdistill.config import TrainConfig
+from kdistill.train_config import TrainConfig
 from kdistill.engine.checkpoint import CheckpointWriter, atomic_write_bytes, load_latest, set_rng_state
 from kdistill.engine.sampler import StepSampler, sample_lengths
 from kdistill.errors import KDError, NonFiniteError
@@ -234,7 +234,7 @@ class Engine:
     def fit(self, distiller, data, *, eval_fn: Optional[Callable[[nn.Module], dict]] = None,
             collate_fn: Optional[Callable] = None) -> dict:
         """Train; returns {"steps", "resumed_from", "terms" (last logged means), "evals", "seconds"}."""
-        from kdistill.data.builtin import preserved_global_rng
+        from kdistill.seeding import preserved_global_rng
 
         # the caller's RNG states (torch, numpy, python) are left as they were, even after a resume set them
         with torch.random.fork_rng(devices=[]), preserved_global_rng(), deterministic_mode(self.cfg.deterministic):

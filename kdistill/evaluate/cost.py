@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from kdistill.distiller import call_model
+from kdistill.outputs import call_model
 
 
 def param_count(model: nn.Module) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kdistill.distiller import call_model, logits_of
+from kdistill.outputs import call_model, logits_of
 
 
 @torch.no_grad()

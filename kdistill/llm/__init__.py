@@ -14,7 +14,7 @@ from kdistill.llm.onpolicy import OnPolicy, sample_continuations
 from kdistill.llm.sequence import HFGenerator, Sampling, generate_dataset, read_jsonl, response_dataset
 from kdistill.llm.student import decoder_layers_path, student_from_teacher
 from kdistill.llm.token_loss import DIVERGENCES, get_output_head, token_kd_loss, token_kd_loss_reference
-from kdistill.llm.vocab import check_vocab
+from kdistill.models.vocab import check_vocab
 
 __all__ = [
     "DIVERGENCES", "HFGenerator", "LMDistiller", "LMSide", "LMTeacher", "OnPolicy", "Sampling", "block_dataset",

@@ -13,7 +13,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from kdistill.config import TrainConfig, format_validation_error
+from kdistill.configbase import format_validation_error
+from kdistill.train_config import TrainConfig
 from kdistill.errors import ConfigError
 
 __all__ = ["LMRunConfig", "TASK", "is_lm_config", "load_lm_config", "parse_lm_config"]

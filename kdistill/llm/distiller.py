@@ -54,7 +54,7 @@ from kdistill.llm.head_loss import (dense_token_kd_loss, head_parts, next_token_
                                     sparse_token_kd_loss)
 from kdistill.llm.onpolicy import OnPolicy, sample_continuations
 from kdistill.llm.token_loss import DEFAULT_CHUNK_SIZE, DIVERGENCES, token_kd_loss
-from kdistill.llm.vocab import check_vocab
+from kdistill.models.vocab import check_vocab
 
 __all__ = ["LMDistiller", "LMSide", "LMTeacher", "final_hidden_states"]
 

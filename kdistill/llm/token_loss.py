@@ -147,7 +147,7 @@ def _check_inputs(
             where=f"{_WHERE}(student_head, teacher_head)",
             fix="use sequence-level KD (train the student on teacher-generated text) for different tokenizers; "
             "if one head is only padded beyond the tokenizer, slice both heads to len(tokenizer) rows "
-            "(kdistill.llm.vocab.check_vocab returns that number)",
+            "(kdistill.models.vocab.check_vocab returns that number)",
         )
     for role, hidden, weight in (("student", student_hidden, w_s), ("teacher", teacher_hidden, w_t)):
         if not isinstance(hidden, Tensor) or hidden.ndim < 2 or not hidden.is_floating_point():

@@ -5,17 +5,15 @@ Every loss takes ``(student, teacher, ...)``. Response (logit) losses accept ``(
 
 Registry conventions (for config-driven wiring):
 
-* ``LOSSES[name]`` is a function called as ``fn(student, teacher, **kwargs)``, or
-  ``fn(student, teacher, labels, **kwargs)`` for names in ``NEEDS_LABELS`` (labels = third positional
-  argument). ``ce`` accepts that three-argument form and ignores the teacher; ``ce(student, labels)`` also works.
-* ``MODULE_LOSSES[name]`` is an ``nn.Module`` class with parameters / state (construct it, then call it).
+every loss is registered once in `kdistill.losses.registry` with its metadata (kind, labels, teacher, top-k
+version, gating, adapters, stateful module); ``get_loss(name)`` gives its `LossSpec` and ``call_term`` calls it.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-from kdistill.losses.contrastive import CRDLoss
+from kdistill.losses.contrastive import CRDLoss, simcse
 from kdistill.losses.encoder import (
     attention_kl,
     attention_mse,
@@ -29,43 +27,51 @@ from kdistill.losses.relation import correlation_congruence, pkt, rkd_angle, rkd
 from kdistill.losses.response import ce, dist, dkd, jsd, kd, kl, reduce_positions, skew_kl, tvd
 from kdistill.losses.sparse import SPARSE_LOSSES, SparseDistribution, sparse_loss
 
-LOSSES: dict[str, Callable[..., object]] = {
-    "ce": ce,
-    "kd": kd,
-    "kl": kl,
-    "jsd": jsd,
-    "skew_kl": skew_kl,
-    "tvd": tvd,
-    "dkd": dkd,
-    "dist": dist,
-    "hint": hint,
-    "attention_transfer": attention_transfer,
-    "at": attention_transfer,
-    "rkd_distance": rkd_distance,
-    "rkd_angle": rkd_angle,
-    "similarity_preserving": similarity_preserving,
-    "sp": similarity_preserving,
-    "pkt": pkt,
-    "correlation_congruence": correlation_congruence,
-    "cc": correlation_congruence,
-    # encoder (token-level: (B, T, D) / (B, H, T, T) with mask=; see kdistill.losses.encoder)
-    "hidden_mse": hidden_mse,
-    "hidden_cosine": hidden_cosine,
-    "attention_kl": attention_kl,
-    "attention_mse": attention_mse,
-    "self_relation": self_relation,
-    "similarity_matrix": similarity_matrix,
-}
+from kdistill.losses.registry import LossSpec, call_term, get_loss, is_registered, loss_names, register
 
-MODULE_LOSSES: dict[str, type] = {"crd": CRDLoss}
 
-NEEDS_LABELS: tuple[str, ...] = ("ce", "dkd")
+# -- classification and any logits ------------------------------------------------------------------------------
+register(LossSpec("ce", "label", ce, needs_labels=True, needs_teacher=False,
+                  summary="cross-entropy on the labels (-100 = unlabeled)"))
+register(LossSpec("kd", "response", kd, sparse="kd", gating=True, summary="Hinton KD: T^2 KL(p_t^T || p_s^T)"))
+register(LossSpec("kl", "response", kl, sparse="kl", gating=True, summary="KL, forward or reverse"))
+register(LossSpec("jsd", "response", jsd, sparse="jsd", gating=True, summary="generalized Jensen-Shannon"))
+register(LossSpec("skew_kl", "response", skew_kl, sparse="skew_kl", gating=True, summary="skew KL (DistiLLM)"))
+register(LossSpec("tvd", "response", tvd, sparse="tvd", gating=True, summary="total variation distance"))
+register(LossSpec("dkd", "response", dkd, needs_labels=True, summary="decoupled KD: TCKD + beta NCKD"))
+register(LossSpec("dist", "response", dist, summary="DIST: inter- and intra-class Pearson relations"))
+# -- features and relations ------------------------------------------------------------------------------------
+register(LossSpec("hint", "feature", hint, same_shape=True, summary="FitNets hint (adapter when shapes differ)"))
+register(LossSpec("attention_transfer", "feature", attention_transfer, summary="attention transfer"), "at")
+register(LossSpec("rkd_distance", "relation", rkd_distance, summary="RKD distance"))
+register(LossSpec("rkd_angle", "relation", rkd_angle, summary="RKD angle"))
+register(LossSpec("similarity_preserving", "relation", similarity_preserving, summary="similarity-preserving"),
+         "sp")
+register(LossSpec("pkt", "relation", pkt, summary="probabilistic knowledge transfer"))
+register(LossSpec("correlation_congruence", "relation", correlation_congruence, summary="correlation congruence"),
+         "cc")
+register(LossSpec("crd", "contrastive", module=CRDLoss, summary="contrastive representation distillation"))
+# -- encoders: token-level tensors with mask= (also usable on tapped tensors of any model) --------------------
+register(LossSpec("hidden_mse", "feature", hidden_mse, same_shape=True, summary="masked hidden-state MSE"))
+register(LossSpec("hidden_cosine", "feature", hidden_cosine, same_shape=True, summary="masked hidden cosine"))
+register(LossSpec("attention_kl", "feature", attention_kl, summary="attention-distribution KL (MiniLM)"))
+register(LossSpec("attention_mse", "feature", attention_mse, summary="attention-probability MSE (TinyBERT)"))
+register(LossSpec("self_relation", "feature", self_relation, summary="self-relation KL (MiniLMv2)"))
+register(LossSpec("similarity_matrix", "embedding", similarity_matrix, summary="batch cosine-similarity matrix"))
+register(LossSpec("simcse", "contrastive", simcse, needs_teacher=False, summary="SimCSE on two dropout views"))
+
+# LM token-level distillation uses the response losses above on (B, T, V) logits, chunk by chunk from hidden
+# states (kdistill.losses.lm); its divergence names (forward_kl, reverse_kl, ...) are response losses with params.
 
 __all__ = [
     "CRDLoss",
-    "LOSSES",
-    "MODULE_LOSSES",
-    "NEEDS_LABELS",
+    "LossSpec",
+    "call_term",
+    "get_loss",
+    "is_registered",
+    "loss_names",
+    "register",
+    "simcse",
     "SPARSE_LOSSES",
     "SparseDistribution",
     "attention_kl",

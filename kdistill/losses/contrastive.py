@@ -215,3 +215,29 @@ class CRDLoss(nn.Module):
                 k_t = F.normalize(self.key_teacher(f_t.detach()), dim=1)
             self._enqueue(k_s, k_t)
         return loss
+
+
+def simcse(view_a: torch.Tensor, view_b: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
+    """Unsupervised SimCSE (Gao, Yao & Chen 2021, "SimCSE: Simple Contrastive Learning of Sentence Embeddings",
+    EMNLP 2021, arXiv:2104.08821, Eq. 1): two forward passes of the same sentences with different dropout masks
+    are positives, the other sentences of the batch negatives::
+
+        L = -1/B sum_i log( exp(cos(h_i, h'_i) / tau) / sum_j exp(cos(h_i, h'_j) / tau) )
+
+    Args:
+        view_a: ``(B, D)`` embeddings of the first pass.
+        view_b: ``(B, D)`` embeddings of the second pass (same sentences, same order).
+        temperature: ``tau`` (paper: 0.05).
+
+    Returns:
+        scalar.
+    """
+    if view_a.shape != view_b.shape or view_a.ndim != 2 or view_a.shape[0] < 2:
+        raise WiringError(f"simcse: needs two (B, D) views of >= 2 sentences, got {tuple(view_a.shape)} and "
+                          f"{tuple(view_b.shape)}", where="kdistill.losses.simcse",
+                          fix="encode the same batch twice in train mode (dropout on)")
+    dtype = torch.promote_types(view_a.dtype, torch.float32)
+    a = F.normalize(view_a.to(dtype), dim=1)
+    b = F.normalize(view_b.to(dtype), dim=1)
+    logits = a @ b.T / float(temperature)
+    return F.cross_entropy(logits, torch.arange(a.shape[0], device=a.device))

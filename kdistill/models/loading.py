@@ -20,7 +20,7 @@ def load_state_dict_file(path: Union[str, Path], *, where: str = "weights", trus
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}", where=where, fix="check the path")
     if path.suffix == ".safetensors":
-        from kdistill.engine.checkpoint import load_weights
+        from kdistill.files import load_weights
 
         return load_weights(path)
     if path.suffix not in (".pt", ".pth", ".bin", ".ckpt"):

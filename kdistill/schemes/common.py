@@ -25,72 +25,17 @@ from torch import nn
 
 from kdistill.config import RunConfig, TrainConfig
 from kdistill.data import ArrayDataset, DataBundle, check_labels, load_data
-from kdistill.distiller import Distiller, DistillOutput, Term, call_model, logits_of, split_taps, terms_from_config
+from kdistill.distiller import Distiller, Term, split_taps, terms_from_config
+from kdistill.objective import SchemeSide, SideObjective as Objective  # noqa: F401  (the schemes' base)
+from kdistill.outputs import call_model, logits_of
+from kdistill.teachers.live import freeze
 from kdistill.engine import Engine
 from kdistill.engine.checkpoint import atomic_write_bytes, load_weights, save_weights
 from kdistill.evaluate import accuracy, agreement, cost_report, expected_calibration_error, predict_logits
 from kdistill.models import build_model
 from kdistill.models.loading import load_into, load_state_dict_file
-from kdistill.schemes.offline import prepare_run_dir, seeded_build
-
-
-class SchemeSide(nn.Module):
-    """Base of the sides of `Objective`s: holds ``student`` (set by subclasses) and ``step``."""
-
-    step: int = 0
-
-    def run_student(self, inputs: Any) -> tuple[Any, dict]:
-        """The student alone on `inputs` (the engine's wiring check uses it to tell which side fails)."""
-        return call_model(self.student, inputs), {}
-
-
-class Objective:
-    """A round objective over a custom side module (see the module docstring for the contract).
-
-    Subclasses give a side whose ``forward(*self.side_args(batch))`` returns ``(output, {term: loss})`` and
-    whose ``build(*self.side_args(batch))`` (optional) makes lazy modules and checks the wiring.
-    """
-
-    def __init__(self, side: nn.Module, teacher: Optional[Callable[[Mapping], dict]] = None):
-        if isinstance(teacher, nn.Module):
-            from kdistill.distiller import LiveTeacher
-
-            teacher = LiveTeacher(teacher)
-        self.side = side
-        self.module: nn.Module = side
-        self.teacher = teacher
-        self.built = False
-
-    @property
-    def student(self) -> nn.Module:
-        return self.side.student
-
-    def teacher_values(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        return self.teacher(batch) if self.teacher is not None else {}
-
-    def side_args(self, batch: Mapping[str, Any]) -> tuple:
-        return batch.get("student_x", batch["x"]), self.teacher_values(batch), batch.get("y")
-
-    def set_step(self, step: int) -> None:
-        self.side.step = step
-
-    @torch.no_grad()
-    def build(self, batch: Mapping[str, Any]) -> None:
-        if hasattr(self.side, "build"):
-            was = self.side.training
-            self.side.eval()
-            try:
-                self.side.build(*self.side_args(batch))
-            finally:
-                self.side.train(was)
-        self.built = True
-
-    def __call__(self, batch: Mapping[str, Any]) -> DistillOutput:
-        out, terms = self.module(*self.side_args(batch))
-        return DistillOutput(out, terms)
-
-    def export_student(self) -> nn.Module:
-        return self.side.student
+from kdistill.schemes.offline import prepare_run_dir
+from kdistill.seeding import seeded_build
 
 
 def first_batch(data, batch_size: int) -> dict:
@@ -125,14 +70,6 @@ def fit_round(name: str, objective, data, train_cfg: TrainConfig, *, seed: int, 
             save_weights(side_file, side_state, {"stage": name, "steps": result["steps"]})
         save_weights(weights, student_state, {"stage": name, "steps": result["steps"]})
     return student
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    """Eval mode, no gradients: a teacher of the next round."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 def train_ce(name: str, model: nn.Module, data, train_cfg: TrainConfig, *, seed: int,

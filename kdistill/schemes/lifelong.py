@@ -24,7 +24,7 @@ from torch import nn
 
 from kdistill.config import RunConfig, TrainConfig
 from kdistill.data import ArrayDataset
-from kdistill.distiller import call_model, logits_of
+from kdistill.outputs import call_model, logits_of
 from kdistill.errors import ConfigError, WiringError
 from kdistill.evaluate import accuracy, predict_logits
 from kdistill.losses import ce, kl

@@ -27,7 +27,9 @@ import torch
 from torch import nn
 
 from kdistill.config import RunConfig
-from kdistill.distiller import LOGITS, LiveTeacher, Term
+from kdistill.distiller import Term
+from kdistill.outputs import LOGITS
+from kdistill.teachers.live import LiveTeacher
 from kdistill.errors import WiringError
 from kdistill.evaluate import predict_logits
 from kdistill.schemes.common import config_terms, distill, evaluate, finish, model_from, prepare, teacher_from, train_ce

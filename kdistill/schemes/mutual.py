@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from kdistill.config import RunConfig, TrainConfig
-from kdistill.distiller import call_model, logits_of
+from kdistill.outputs import call_model, logits_of
 from kdistill.errors import WiringError
 from kdistill.evaluate import predict_logits
 from kdistill.losses import ce, kd

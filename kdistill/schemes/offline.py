@@ -28,14 +28,8 @@ from kdistill.errors import CheckpointError, ConfigError, KDError
 from kdistill.evaluate import accuracy, agreement, cost_report, expected_calibration_error, predict_logits
 from kdistill.models import build_model
 from kdistill.models.loading import load_into, load_state_dict_file
+from kdistill.seeding import seeded_build
 from kdistill.taps import Taps
-
-
-def seeded_build(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
-    """Build a model with a fixed init seed without touching the caller's global RNG state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
 
 
 def _model(cfg_model, bundle: DataBundle, seed: int, where: str) -> nn.Module:
@@ -167,7 +161,7 @@ def run(cfg: RunConfig, run_dir: Optional[Path], *, progress: bool = True, log=p
 def teacher_cache(cfg: RunConfig, run_dir: Optional[Path], teacher: nn.Module, teacher_taps: dict, terms, data, *,
                   rebuild: bool = False, progress: bool = True, log=print):
     """The `CachedTeacher` of `teacher.cache` for the student stage's data (None when no term reads the teacher)."""
-    from kdistill.distiller import LiveTeacher
+    from kdistill.teachers.live import LiveTeacher
     from kdistill.engine import get_accelerator
     from kdistill.teachers.setup import prepare_cache
 

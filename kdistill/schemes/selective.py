@@ -26,7 +26,9 @@ import torch
 
 from kdistill import losses
 from kdistill.config import RunConfig
-from kdistill.distiller import LOGITS, Distiller, StudentSide, Term, _call_loss, logits_of, split_taps
+from kdistill.distiller import Distiller, StudentSide, Term, split_taps
+from kdistill.losses import get_loss, loss_names
+from kdistill.outputs import LOGITS
 from kdistill.errors import WiringError
 from kdistill.evaluate import predict_logits
 from kdistill.schemes.common import (
@@ -40,7 +42,6 @@ from kdistill.schemes.common import (
     train_ce,
 )
 
-GATEABLE = ("kd", "kl", "jsd", "skew_kl", "tvd")
 
 
 def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "kl") -> torch.Tensor:
@@ -87,35 +88,21 @@ class SelectiveSide(StudentSide):
     def current_threshold(self) -> float:
         return threshold_at(self.step, self.total_steps, self.threshold, self.threshold_end, self.schedule)
 
-    def forward(self, inputs: Any, teacher_values: Mapping[str, Any], labels: Optional[torch.Tensor]):
-        out, values = self.run_student(inputs)
-        student_logits = logits_of(out)
-        values[LOGITS] = student_logits
-        teacher_logits = teacher_values[LOGITS]
-        select = intervention_mask(student_logits, teacher_logits, self.current_threshold(), self.kind,
+    def before_terms(self, values: Mapping[str, Any], teacher_values: Mapping[str, Any], labels) -> None:
+        select = intervention_mask(values[LOGITS], teacher_values[LOGITS], self.current_threshold(), self.kind,
                                    self.granularity)
         valid = torch.ones_like(select)
         if labels is not None and labels.shape == select.shape and select.dim() > 1:
             valid = labels != -100
-        select = select & valid
-        self.last_fraction = select.float().sum() / valid.float().sum().clamp_min(1)
-        terms = {}
-        for term in self.terms:
-            s = values[term.student]
-            if term.name in self.adapters:
-                s = self.adapters[term.name](s)
-            t = teacher_values.get(term.teacher) if term.loss != "ce" else None
-            if term.name in self.gated:
-                fn = losses.LOSSES[term.loss]
-                per_position = fn(s, t, **{**term.params, "reduction": "none"})
-                value = torch.where(select, per_position, per_position.new_zeros(())).sum() \
-                    / valid.sum().clamp_min(1).to(per_position.dtype)
-            elif term.loss in losses.MODULE_LOSSES:
-                value = self.loss_modules[term.name](s.flatten(1), t.flatten(1))
-            else:
-                value = _call_loss(losses.LOSSES[term.loss], term, s, t, labels)
-            terms[term.name] = value * term.weight_at(self.step)
-        return out, terms
+        self._select, self._valid = select & valid, valid
+        self.last_fraction = self._select.float().sum() / valid.float().sum().clamp_min(1)
+
+    def value_of(self, term: Term, spec, student: Any, teacher: Any, labels: Optional[torch.Tensor]):
+        if term.name not in self.gated:
+            return super().value_of(term, spec, student, teacher, labels)
+        per_position = spec.fn(student, teacher, **{**term.params, "reduction": "none"})
+        return torch.where(self._select, per_position, per_position.new_zeros(())).sum() \
+            / self._valid.sum().clamp_min(1).to(per_position.dtype)
 
 
 class SelectiveDistiller(Distiller):
@@ -132,16 +119,17 @@ class SelectiveDistiller(Distiller):
                  schedule: str = "constant", granularity: str = "token", total_steps: int = 1,
                  student_taps: Optional[Mapping[str, str]] = None, teacher_taps: Optional[Mapping[str, str]] = None):
         super().__init__(student, teacher, terms, student_taps=student_taps, teacher_taps=teacher_taps)
-        candidates = [t.name for t in terms if t.loss in GATEABLE and t.student == LOGITS and t.teacher == LOGITS]
+        candidates = [t.name for t in terms if get_loss(t.loss).gating and t.student == LOGITS and t.teacher == LOGITS]
+        gateable = ", ".join(n for n in loss_names("response") if get_loss(n).gating)
         gated = list(gated) if gated is not None else candidates
         wrong = [g for g in gated if g not in candidates]
         if wrong:
             raise WiringError(f"cannot gate term(s) {wrong}: only logit terms of the teacher can be gated "
-                              f"({', '.join(GATEABLE)} on 'logits')", where="scheme.terms",
+                              f"({gateable} on 'logits')", where="scheme.terms",
                               fix=f"choose among {candidates or 'none'}")
         if not gated:
             raise WiringError("selective intervention has no teacher term to gate", where="distill.terms",
-                              fix=f"add a logit term ({', '.join(GATEABLE)})")
+                              fix=f"add a logit term ({gateable})")
         divergence_check = {"kl", "top1"}
         if divergence not in divergence_check:
             raise WiringError(f"unknown divergence '{divergence}'", fix="use 'kl' or 'top1'")

@@ -29,7 +29,7 @@ from torch import nn
 
 from kdistill.config import RunConfig
 from kdistill.data import ArrayDataset
-from kdistill.distiller import call_model, logits_of
+from kdistill.outputs import call_model, logits_of
 from kdistill.errors import ConfigError, WiringError
 from kdistill.evaluate import accuracy, predict_logits
 from kdistill.schemes.common import (

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from kdistill.errors import CacheError
+from kdistill.files import atomic_write_bytes, fsync_dir
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -70,25 +71,8 @@ class FieldSpec:
                    float(data.get("temperature", 1.0)))
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    atomic_write_bytes(path, json.dumps(data, indent=1, sort_keys=True).encode())
 
 
 class CacheStore:
@@ -156,7 +140,7 @@ class CacheStore:
             with open(tmp / fname, "rb") as fh:
                 os.fsync(fh.fileno())
         os.replace(tmp, self.shard_dir(shard))
-        _fsync_dir(self.root / SHARDS)
+        fsync_dir(self.root / SHARDS)
 
 
 def manifest_fields(manifest: dict) -> list[FieldSpec]:

@@ -1,0 +1,41 @@
+"""``task: classification``: any classifier (built-in zoo or an import path), every training scheme.
+
+The scheme (``scheme:``, default ``offline``) is the plan of rounds; this module only wires it to the shared
+job skeleton and the CLI (`kdistill.tasks.Task`).
+"""
+
+from __future__ import annotations
+
+from kdistill.config import RunConfig
+from kdistill.tasks import Task
+
+
+def _run(cfg: RunConfig, run_dir, *, progress: bool = True, log=print, **options) -> dict:
+    from kdistill.schemes import run
+
+    return run(cfg, run_dir, progress=progress, log=log, **options)
+
+
+def _table(summary: dict) -> str:
+    if summary.get("scheme", "offline") == "offline" and "teacher" in summary and "student" in summary:
+        from kdistill.report import comparison_table
+
+        return comparison_table(summary)
+    from kdistill.schemes.common import summary_table
+
+    return summary_table(summary)
+
+
+def _build_cache(cfg: RunConfig, run_dir, **options):
+    from kdistill.schemes.offline import build_teacher_cache
+
+    return build_teacher_cache(cfg, run_dir, **options)
+
+
+def _evaluate(run_dir, **options) -> dict:
+    from kdistill.schemes.offline import evaluate_run_dir
+
+    return evaluate_run_dir(run_dir, **options)
+
+
+TASK = Task("classification", RunConfig, _run, _table, _build_cache, _evaluate)

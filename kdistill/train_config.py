@@ -1,0 +1,45 @@
+"""Training settings of one stage (`TrainConfig`): stands alone, shared by every task, scheme and the engine."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from kdistill.configbase import Strict
+
+__all__ = ["TrainConfig"]
+
+
+class TrainConfig(Strict):
+    steps: int = Field(1000, ge=1, description="optimizer steps")
+    batch_size: int = Field(128, ge=1, description="samples per optimizer step and per process")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step (batch_size must divide)")
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    schedule: Literal["constant", "cosine", "linear", "onecycle"] = "onecycle"
+    warmup_steps: int = Field(0, ge=0)
+    clip_grad_norm: Optional[float] = Field(None, gt=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    eval_every: int = Field(0, ge=0, description="evaluate every N steps (0 = only at the end)")
+    log_every: int = Field(50, ge=1, description="host sync and metrics line every N steps")
+    checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = Field(2, ge=1)
+    deterministic: bool = False
+    nonfinite: Literal["skip", "stop"] = "stop"
+    num_workers: int = Field(0, ge=0)
+    pin_memory: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    group_by_length: bool = Field(False, description="batches of similar lengths (rows' attention_mask sums): "
+                                  "less padding for variable-length text; see kdistill.engine.sampler")
+
+    @model_validator(mode="after")
+    def _accum_divides(self) -> "TrainConfig":
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        return self
+
+
