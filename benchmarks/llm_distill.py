@@ -37,8 +37,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kdistill.config import TrainConfig  # noqa: E402
-from kdistill.llm.config import load_lm_config, parse_lm_config  # noqa: E402
-from kdistill.llm.run import lm_summary_table, run_lm_distillation  # noqa: E402
+from kdistill.tasks import get_task, load_any  # noqa: E402
+
+TASK = get_task("causal_lm")  # kdistill.tasks.causal_lm: run (the job), table (the summary table)
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL_CONFIG = ROOT / "examples" / "smollm2.yaml"
@@ -80,7 +81,7 @@ def quick_teacher(cfg, tokenizer, articles, *, steps: int = QUICK_TEACHER_STEPS,
     from kdistill.engine import Engine
     from kdistill.llm.data import block_dataset
     from kdistill.llm.distiller import LMDistiller
-    from kdistill.llm.run import load_lm_corpus
+    from kdistill.llm.job import load_lm_corpus
 
     config = transformers.LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=6,
@@ -104,12 +105,13 @@ def quick_teacher(cfg, tokenizer, articles, *, steps: int = QUICK_TEACHER_STEPS,
 def run_quick(run_dir: Path, log=print) -> dict:
     from kdistill.data.text import split_by_article, wiki_articles
 
-    cfg = parse_lm_config(QUICK_CONFIG, "quick config")
+    cfg = TASK.parse(QUICK_CONFIG, "quick config")
     articles = wiki_articles()[:QUICK_ARTICLES]
     train_articles, _ = split_by_article(articles, cfg.data.heldout_fraction, cfg.data.seed)
     tokenizer = quick_tokenizer([text for _, text in train_articles])
     teacher = quick_teacher(cfg, tokenizer, articles, log=log)
-    summary = run_lm_distillation(cfg, run_dir, teacher=teacher, tokenizer=tokenizer, articles=articles, log=log)
+    summary = TASK.run(cfg, run_dir, progress=False, teacher=teacher, tokenizer=tokenizer, articles=articles,
+                       log=log)
     summary["config"] = QUICK_CONFIG
     summary["quick_setup"] = {"articles": QUICK_ARTICLES, "bpe_vocab": len(tokenizer),
                               "teacher": "Llama 6 x 64 (tied head), pre-trained with CE on all training blocks "
@@ -118,8 +120,8 @@ def run_quick(run_dir: Path, log=print) -> dict:
 
 
 def run_full(run_dir: Path, config: Path, log=print) -> dict:
-    cfg = load_lm_config(config)
-    summary = run_lm_distillation(cfg, run_dir, progress=sys.stderr.isatty(), log=log)
+    cfg = load_any(config)[1]
+    summary = TASK.run(cfg, run_dir, progress=sys.stderr.isatty(), log=log)
     summary["config"] = cfg.model_dump(mode="json", by_alias=True)
     return summary
 
@@ -136,9 +138,9 @@ def reevaluate(run_dir: Path, heldout_blocks: int | None, log=print) -> dict:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kdistill.llm.run import load_lm_corpus, perplexity
+    from kdistill.llm.job import load_lm_corpus, perplexity
 
-    cfg = load_lm_config(run_dir / "config.yaml")
+    cfg = load_any(run_dir / "config.yaml")[1]
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "student")
     kd = AutoModelForCausalLM.from_pretrained(run_dir / "student", dtype=torch.float32).eval()
     ce = AutoModelForCausalLM.from_config(kd.config, dtype=torch.float32).eval()
@@ -206,7 +208,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
     })
-    print(lm_summary_table(summary))
+    print(TASK.table(summary))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2) + "\n")

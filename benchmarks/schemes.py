@@ -40,15 +40,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kdistill.config import ModelConfig, TrainConfig  # noqa: E402
+from kdistill.config import DistillConfig, ModelConfig, TrainConfig  # noqa: E402
 from kdistill.data import ArrayDataset, mnist1d  # noqa: E402
 from kdistill.models import build_model  # noqa: E402
 from kdistill.schemes.assistant import geometric_assistants, train_chain  # noqa: E402
-from kdistill.schemes.common import distill, freeze, hinton_terms, seeded_build, top1_accuracy, train_ce  # noqa: E402
+from kdistill.distiller import terms_from_config  # noqa: E402
+from kdistill.schemes.common import distill, freeze, top1_accuracy, train_ce  # noqa: E402
 from kdistill.schemes.lifelong import lifelong  # noqa: E402
 from kdistill.schemes.multi_teacher import MultiTeacher  # noqa: E402
 from kdistill.schemes.mutual import train_mutual  # noqa: E402
 from kdistill.schemes.self_distill import born_again  # noqa: E402
+from kdistill.seeding import seeded_build  # noqa: E402
 
 ROW_ORDER = ["scratch", "kd", "dml_peer", "dml_ensemble", "born_again_1", "born_again_2", "born_again_3",
              "multi_mean", "multi_agreement", "takd", "direct_kd", "lwf_old", "finetune_old"]
@@ -73,7 +75,7 @@ def shuffled_labels(data: ArrayDataset, seed: int) -> ArrayDataset:
 
 def one_seed(seed: int, bundle, teacher_cfg: TrainConfig, student_cfg: TrainConfig, log) -> tuple[dict, dict]:
     train, test = bundle.train, bundle.test
-    terms = hinton_terms(ALPHA, TEMPERATURE)
+    terms = terms_from_config(DistillConfig(alpha=ALPHA, temperature=TEMPERATURE).resolved_terms())
     acc = lambda m: top1_accuracy(m, test)  # noqa: E731
     base = 1000 * seed
     rows, context = {}, {}

@@ -18,6 +18,23 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="kdistill: knowledge distillation with a measured account of what compression cost.")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"kdistill {version('kdistill')}")
+        except PackageNotFoundError:  # pragma: no cover - running from a source tree without installing
+            print("kdistill (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                                     help="print the version and exit")) -> None:
+    """kdistill: knowledge distillation with a measured account of what compression cost."""
+
+
 def _err(msg: str) -> None:
     print(f"kdistill: error: {msg}", file=sys.stderr, flush=True)
 
@@ -34,13 +51,13 @@ TRUST_HELP = ("allow full unpickling of a .pt/.pth teacher.weights file; it can 
               "for files you trust (the default loads tensors only, weights_only=True)")
 
 
-def _run_config(cfg, out: Path, progress: bool, trust_checkpoint: bool = False) -> dict:
+def _run_task(task, cfg, out: Path, progress: bool, **options) -> dict:
+    """Run a task's job; an interruption becomes a one-line message with the resume command."""
     from kdistill.engine import Interrupted
-    from kdistill.schemes import run, summary_table
 
     resume = f"resume with: kdistill run {shlex.quote(str(out))}"
     try:
-        summary = run(cfg, out, progress=progress, trust_checkpoint=trust_checkpoint)
+        summary = task.run(cfg, out, progress=progress, **options)
     except Interrupted as err:
         stopped = Interrupted(err.what, fix=resume)
         stopped.signal = err.signal
@@ -50,9 +67,20 @@ def _run_config(cfg, out: Path, progress: bool, trust_checkpoint: bool = False) 
                               fix=resume)
         stopped.signal = "SIGTERM" if isinstance(err, _Terminated) else "SIGINT"
         raise stopped from None
-    print(summary_table(cfg, summary))
+    print(task.table(summary))
     print(f"run directory: {out}")
     return summary
+
+
+SET_HELP = ("override a config field: --set train.steps=200 --set distill.temperature=4 (dotted path, value "
+            "parsed as YAML; repeatable); the run directory's config.yaml records the result")
+
+
+def _config_path(config: Path, out: Optional[Path]) -> tuple[Path, Path]:
+    """(config file, run directory): a run directory given as CONFIG resumes that run."""
+    if config.is_dir():
+        return config / "config.yaml", out or config
+    return config, out or Path("runs") / config.stem
 
 
 @app.command()
@@ -62,55 +90,43 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="run director
     from kdistill.config import parse_config
     from kdistill.demo import DEMO_CONFIG
 
+    from kdistill.tasks import get_task
+
     cfg = parse_config(copy.deepcopy(DEMO_CONFIG), "demo config")
-    _run_config(cfg, out, progress)
+    _run_task(get_task("classification"), cfg, out, progress)
 
 
 @app.command("run")
 def run_cmd(config: Path = typer.Argument(..., help="a YAML config, or a run directory to resume"),
             out: Optional[Path] = typer.Option(None, "--out", help="run directory (default: runs/<config name>)"),
+            overrides: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
             progress: bool = typer.Option(True, "--progress/--no-progress"),
             trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP)) -> None:
-    """Run the job of a config file; re-running on an existing run directory resumes it."""
-    from kdistill.config import load_config
+    """Run the job of a config file (any task); re-running on an existing run directory resumes it."""
+    from kdistill.tasks import load_any
 
-    if config.is_dir():
-        out = out or config
-        config = config / "config.yaml"
-    from kdistill.llm.config import is_lm_config
-
-    if is_lm_config(config):  # task: causal_lm (kdistill.llm.run)
-        from kdistill.llm.run import lm_summary_table, load_lm_config, run_lm_distillation
-
-        run_dir = out or Path("runs") / config.stem
-        print(lm_summary_table(run_lm_distillation(load_lm_config(config), run_dir, progress=progress)))
-        print(f"run directory: {run_dir}")
-        return
-    cfg = load_config(config)
-    _run_config(cfg, out or Path("runs") / config.stem, progress, trust_checkpoint)
+    path, run_dir = _config_path(config, out)
+    task, cfg = load_any(path, overrides or [])
+    options = {"trust_checkpoint": trust_checkpoint} if trust_checkpoint else {}
+    _run_task(task, cfg, run_dir, progress, **options)
 
 
 @app.command("eval")
 def eval_cmd(run_dir: Path = typer.Argument(..., help="a finished run directory"),
              trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP)) -> None:
     """Re-evaluate a run directory (quality and cost) and print the comparison table."""
-    from kdistill.report import comparison_table
-    from kdistill.schemes.offline import evaluate_run_dir
+    from kdistill.tasks import load_any
 
     if not (run_dir / "config.yaml").is_file():
         raise KDError(f"{run_dir} is not a run directory (no config.yaml)", fix="give the --out of a finished run")
-    _only_offline(run_dir)
-    print(comparison_table(evaluate_run_dir(run_dir, trust_checkpoint=trust_checkpoint)))
-
-
-def _only_offline(run_dir: Path) -> None:
-    from kdistill.config import load_config
-
-    name = load_config(run_dir / "config.yaml").scheme.name
-    if name != "offline":
-        raise KDError(f"{run_dir} is a '{name}' run; 'kdistill eval' re-evaluates offline runs only",
-                      fix=f"read {run_dir / 'summary.json'}, or run 'kdistill run {run_dir}' (finished rounds are "
+    task, cfg = load_any(run_dir / "config.yaml")
+    scheme = getattr(getattr(cfg, "scheme", None), "name", "offline")
+    if task.evaluate is None or scheme != "offline":
+        what = f"a '{scheme}' run" if scheme != "offline" else f"a '{task.name}' run"
+        raise KDError(f"{run_dir} is {what}; 'kdistill eval' re-evaluates offline classification runs only",
+                      fix=f"read {run_dir / 'summary.json'}, or run 'kdistill run {run_dir}' (finished stages are "
                           "loaded, not retrained) to evaluate it again")
+    print(task.table(task.evaluate(run_dir, trust_checkpoint=trust_checkpoint)))
 
 
 cache_app = typer.Typer(no_args_is_help=True, help="Teacher-output cache: build it once, train from it.")
@@ -122,24 +138,20 @@ def cache_build_cmd(config: Path = typer.Argument(..., help="a YAML config with 
                     out: Optional[Path] = typer.Option(None, "--out", help="run directory (default: runs/<config "
                                                                           "name>); the cache goes to teacher.cache.dir "
                                                                           "or RUN_DIR/teacher-cache"),
+                    overrides: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
                     rebuild: bool = typer.Option(False, "--rebuild", help="delete a stale cache and build it anew"),
                     progress: bool = typer.Option(True, "--progress/--no-progress"),
                     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP)) -> None:
     """Store the teacher outputs the loss terms read (resumable: run it again after a kill and it continues)."""
-    from kdistill.config import load_config
-    from kdistill.llm.config import is_lm_config
-    from kdistill.schemes.offline import build_teacher_cache
+    from kdistill.tasks import load_any
 
-    if is_lm_config(config):  # task: causal_lm: the teacher's top-k cache over the corpus's training blocks
-        from kdistill.llm.run import build_lm_cache_from_config, load_lm_config
-
-        cached = build_lm_cache_from_config(load_lm_config(config), out or Path("runs") / config.stem,
-                                            rebuild=rebuild, progress=progress)
-        print(f"teacher cache: {cached.directory} (key {cached.key})")
-        return
-    cfg = load_config(config)
-    cached = build_teacher_cache(cfg, out or Path("runs") / config.stem, rebuild=rebuild, progress=progress,
-                                 trust_checkpoint=trust_checkpoint)
+    path, run_dir = _config_path(config, out)
+    task, cfg = load_any(path, overrides or [])
+    if task.build_cache is None:
+        raise KDError(f"task '{task.name}' has no teacher-output cache", where="task",
+                      fix="run it with 'kdistill run' (its teacher outputs are kept in the run directory)")
+    options = {"trust_checkpoint": trust_checkpoint} if trust_checkpoint else {}
+    cached = task.build_cache(cfg, run_dir, rebuild=rebuild, progress=progress, **options)
     if cached is not None:
         print(f"teacher cache: {cached.directory} (key {cached.key})")
 
@@ -150,7 +162,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     on_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main else None
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, standalone_mode=False, prog_name="kdistill")
     except KDError as err:
         stopped_by = getattr(err, "signal", None)  # kdistill.engine.Interrupted: not an error
         if stopped_by:
@@ -170,14 +182,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     except SystemExit as err:  # typer/click's own exits (help, usage errors)
         return int(err.code or 0)
-    except Exception as err:  # click usage errors arrive as ClickException in standalone_mode=False
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            _err(err.format_message())
-            return 2
-        if isinstance(err, click.exceptions.Abort):
+    except Exception as err:  # usage errors: click's own, or the copy of click that typer bundles
+        names = {c.__name__ for c in type(err).__mro__}
+        if "Abort" in names:
             return 130
+        if "ClickException" in names:
+            ctx = getattr(err, "ctx", None)
+            if ctx is not None:
+                print(ctx.get_usage(), file=sys.stderr)
+            message = err.format_message() if "NoArgsIsHelpError" not in names else "no command given"
+            _err(f"{message} (see 'kdistill --help')")
+            return 2
         raise
     finally:
         if on_main:

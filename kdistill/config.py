@@ -2,7 +2,9 @@
 
 A config is a YAML mapping; `load_config(path)` validates it and raises `ConfigError` with a one-line message
 naming the field path, the problem and the allowed values. `dump_config(cfg)` writes the fully resolved config
-(every default filled in) so that `kdistill run RUN_DIR/config.yaml` reproduces a run.
+(every default filled in) so that `kdistill run RUN_DIR/config.yaml` reproduces a run. The model, teacher and
+cache sections live in `kdistill.schemes.sections`, each scheme's section next to its code
+(`kdistill.schemes.<module>`); this module assembles them into `RunConfig`.
 """
 
 from __future__ import annotations
@@ -10,11 +12,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import yaml
 from pydantic import Field, field_validator, model_validator
 
-from kdistill.configbase import Strict, format_validation_error, read_yaml, validate
-from kdistill.errors import ConfigError
+from kdistill.configbase import Strict, read_yaml
+from kdistill.schemes.assistant import AssistantScheme
+from kdistill.schemes.cross_modal import CrossModalScheme
+from kdistill.schemes.lifelong import LifelongScheme
+from kdistill.schemes.multi_teacher import MultiTeacherScheme
+from kdistill.schemes.mutual import MutualScheme
+from kdistill.schemes.offline import OfflineScheme
+from kdistill.schemes.sections import CacheConfig, ModelConfig, TeacherConfig
+from kdistill.schemes.selective import SelectiveScheme
+from kdistill.schemes.self_distill import BornAgainScheme, ByotScheme, SnapshotScheme
+from kdistill.schemes.specialists import SpecialistsScheme
+from kdistill.tasks import dump_config
 from kdistill.train_config import TrainConfig
 
 
@@ -41,24 +52,6 @@ class DataConfig(Strict):
     train_size: Optional[int] = Field(None, ge=1, description="keep only the first N training samples")
     transfer: TransferConfig = TransferConfig()
     augment: Optional[AugmentConfig] = Field(None, description="random augmentation of the training inputs")
-
-
-class ModelConfig(Strict):
-    """A built-in model by name (`mlp`, `cnn1d`, `cnn2d`, `resnet`) or any factory by import path."""
-
-    name: str = Field(..., description="built-in name or 'package.module:factory'")
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    weights: Optional[str] = Field(None, description="a .safetensors (or .pt/.pth) file of trained weights")
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        from kdistill.models import BUILTIN_MODELS
-
-        if v not in BUILTIN_MODELS and ":" not in v:
-            allowed = ", ".join(sorted(BUILTIN_MODELS))
-            raise ValueError(f"unknown model '{v}'; allowed: {allowed}, or 'package.module:factory'")
-        return v
 
 
 class TermConfig(Strict):
@@ -118,168 +111,13 @@ class DistillConfig(Strict):
         return terms
 
 
-class CacheConfig(Strict):
-    """Store the teacher's outputs once (`kdistill cache build`) and train the student from them."""
-
-    dir: Optional[str] = Field(None, description="cache folder (default: RUN_DIR/teacher-cache)")
-    kind: Literal["dense", "topk"] = Field("dense", description="all logits, or the top-k plus the tail mass")
-    k: int = Field(32, ge=1, description="classes kept per position for kind: topk")
-    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
-    shard_rows: Optional[int] = Field(None, ge=1, description="samples per shard (default: ~64 MiB shards)")
-
-
-class TeacherConfig(ModelConfig):
-    """The teacher. With no `weights`, it is first trained on the labelled data with `train`."""
-
-    train: Optional[TrainConfig] = None
-    cache: Optional[CacheConfig] = Field(None, description="train the student from stored teacher outputs")
-
-
 class EvalConfig(Strict):
     latency_repeats: int = Field(50, ge=1)
     throughput_batch: int = Field(256, ge=1)
     ece_bins: int = Field(15, ge=2)
 
 
-# -- training schemes: who teaches whom, and when (see docs/schemes.md) ----------------------------------------
-class OfflineScheme(Strict):
-    """A frozen teacher (trained first when it has no weights) teaches the student (Hinton et al. 2015)."""
-
-    name: Literal["offline"] = "offline"
-
-
-class MutualScheme(Strict):
-    """Deep mutual learning (Zhang et al. 2018): peers trained together from scratch, each with CE plus
-    KL to the average of the other peers' predictions."""
-
-    name: Literal["mutual"]
-    peers: Union[list[ModelConfig], int] = Field(2, description="number of copies of `student`, or the peer models")
-    temperature: float = Field(1.0, gt=0)
-    kl_weight: float = Field(1.0, ge=0)
-
-    @field_validator("peers")
-    @classmethod
-    def _two_or_more(cls, v):
-        if (v if isinstance(v, int) else len(v)) < 2:
-            raise ValueError("mutual learning needs at least 2 peers")
-        return v
-
-
-class BornAgainScheme(Strict):
-    """Born-again networks (Furlanello et al. 2018): generation k+1 (the student's architecture) learns from
-    the frozen generation k with the `distill` objective; generation 0 learns from labels."""
-
-    name: Literal["born_again"]
-    generations: int = Field(3, ge=1, description="distilled generations after generation 0")
-    ensemble: bool = Field(True, description="also evaluate the ensemble of generations 1..K")
-
-
-class ByotScheme(Strict):
-    """Be Your Own Teacher (Zhang et al. 2019): auxiliary classifier exits on intermediate student taps,
-    supervised by the labels and by the final output."""
-
-    name: Literal["byot"]
-    exits: dict[str, str] = Field(..., min_length=1, description="exit name -> student module path")
-    alpha: float = Field(0.5, ge=0, le=1, description="weight of the KD term of each exit (1 - alpha weighs CE)")
-    temperature: float = Field(3.0, gt=0)
-    pool: int = Field(4, ge=1, description="adaptive-pool size of conv features before an exit head")
-    hidden: int = Field(128, ge=1, description="hidden width of an exit head")
-
-
-class SnapshotScheme(Strict):
-    """Progressive self-knowledge distillation (Kim et al. 2021): the target is (1 - a_t) y + a_t p_prev(x),
-    p_prev the model's own prediction for x in the previous epoch, a_t rising linearly to `alpha`."""
-
-    name: Literal["snapshot"]
-    alpha: float = Field(0.8, ge=0, le=1)
-
-
-class MultiTeacherScheme(Strict):
-    """Several teachers (any architectures) combined into one soft target."""
-
-    name: Literal["multi_teacher"]
-    teachers: list[TeacherConfig] = Field(..., min_length=2)
-    combine: Literal["mean", "weights", "agreement"] = "mean"
-    weights: Optional[list[float]] = Field(None, description="fixed teacher weights (combine: weights)")
-    agreement_temperature: float = Field(0.05, gt=0, description="sharpness of the agreement weighting")
-
-    @model_validator(mode="after")
-    def _weights_match(self) -> "MultiTeacherScheme":
-        if self.combine == "weights":
-            if not self.weights or len(self.weights) != len(self.teachers) or min(self.weights) < 0 \
-                    or sum(self.weights) <= 0:
-                raise ValueError(f"combine 'weights' needs {len(self.teachers)} non-negative weights, one per teacher")
-        elif self.weights is not None:
-            raise ValueError(f"'weights' is only used with combine: weights (combine is '{self.combine}')")
-        return self
-
-
-class SpecialistsScheme(Strict):
-    """Specialist ensembles (Hinton et al. 2015, sec. 5): the teacher is the generalist; specialists learn
-    confusable class groups (plus a dustbin class); generalist + specialists teach the student."""
-
-    name: Literal["specialists"]
-    num_specialists: int = Field(2, ge=1)
-    group_size: int = Field(2, ge=2)
-    specialist: Optional[ModelConfig] = Field(None, description="specialist model (default: the teacher's)")
-    specialist_train: Optional[TrainConfig] = Field(None, description="default: teacher.train or train")
-    dustbin_ratio: float = Field(1.0, gt=0, description="dustbin examples per in-group example")
-    top_k: int = Field(2, ge=1, description="a specialist is used when its group meets the generalist's top k")
-
-
-class AssistantScheme(Strict):
-    """Teacher-assistant chain (Mirzadeh et al. 2020): teacher -> assistant(s) -> student."""
-
-    name: Literal["assistant"]
-    assistants: Optional[list[ModelConfig]] = Field(None, description="explicit assistants, largest first")
-    num_assistants: int = Field(1, ge=1, description="without `assistants`: this many, spaced geometrically in "
-                                                     "parameter count between teacher and student")
-    direct: bool = Field(True, description="also distil the student directly from the teacher")
-
-
-class LifelongScheme(Strict):
-    """Learning without Forgetting (Li & Hoiem 2016): learn new classes while distilling the old model's
-    outputs on the new data; compared with plain fine-tuning."""
-
-    name: Literal["lifelong"]
-    old_classes: list[int] = Field(..., min_length=1)
-    new_classes: list[int] = Field(..., min_length=1)
-    lwf_weight: float = Field(1.0, ge=0)
-    temperature: float = Field(2.0, gt=0)
-    old_train: Optional[TrainConfig] = Field(None, description="training of the old task (default: train)")
-    finetune: bool = Field(True, description="also fine-tune without distillation for comparison")
-
-    @model_validator(mode="after")
-    def _disjoint(self) -> "LifelongScheme":
-        both = set(self.old_classes) & set(self.new_classes)
-        if both or len(set(self.old_classes)) != len(self.old_classes) or \
-                len(set(self.new_classes)) != len(self.new_classes):
-            raise ValueError(f"old_classes and new_classes must be distinct and disjoint (shared: {sorted(both)})")
-        return self
-
-
-class CrossModalScheme(Strict):
-    """Teacher and student read different views of the same sample: 'identity', 'downsample:F',
-    'noise:STD', or a chain like 'downsample:2+noise:0.5'."""
-
-    name: Literal["cross_modal"]
-    teacher_view: str = "identity"
-    student_view: str = "downsample:2"
-
-
-class SelectiveScheme(Strict):
-    """Selective teacher intervention: the teacher's terms count only at positions (samples, or tokens of
-    3-D logits) where student and teacher diverge by more than a threshold."""
-
-    name: Literal["selective"]
-    divergence: Literal["kl", "top1"] = "kl"
-    threshold: float = Field(0.1, ge=0)
-    threshold_end: Optional[float] = Field(None, ge=0, description="final threshold (schedule: linear)")
-    schedule: Literal["constant", "linear"] = "constant"
-    granularity: Literal["token", "sample"] = "token"
-    terms: Optional[list[str]] = Field(None, description="gated terms (default: every logit term of the teacher)")
-
-
+# -- training schemes: who teaches whom, and when (see docs/schemes.md); each scheme module owns its section ----
 SchemeConfig = Union[OfflineScheme, MutualScheme, BornAgainScheme, ByotScheme, SnapshotScheme, MultiTeacherScheme,
                      SpecialistsScheme, AssistantScheme, LifelongScheme, CrossModalScheme, SelectiveScheme]
 SCHEMES_WITH_TEACHER = ("offline", "specialists", "assistant", "cross_modal", "selective")
@@ -334,18 +172,16 @@ class RunConfig(Strict):
 
 
 def parse_config(data: Any, source: str = "config") -> RunConfig:
-    cfg = validate(RunConfig, data, source)
-    try:
-        dump_config(cfg)  # free-form values (kwargs, params) must be writable to the run's config.yaml
-    except (ValueError, RecursionError):  # a YAML alias cycle (&a ... *a) or absurdly deep nesting
-        raise ConfigError(f"{source}: a value refers to itself (a YAML alias cycle) or is nested too deeply",
-                          fix="write the value out instead of using an alias") from None
-    return cfg
+    """A validated `RunConfig` of a raw mapping; every mistake is a one-line `ConfigError`."""
+    from kdistill.tasks import get_task
+
+    return get_task("classification").parse(data, source)
 
 
 def load_config(path: Union[str, Path]) -> RunConfig:
     return parse_config(read_yaml(path), str(path))
 
 
-def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+__all__ = ["AugmentConfig", "CacheConfig", "DataConfig", "DistillConfig", "EvalConfig", "ModelConfig", "RunConfig",
+           "SCHEMES_WITH_TEACHER", "SchemeConfig", "TeacherConfig", "TermConfig", "TrainConfig", "TransferConfig",
+           "dump_config", "load_config", "parse_config"]

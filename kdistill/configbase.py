@@ -128,29 +128,56 @@ def apply_overrides(data: dict, overrides: list[str], model: type) -> dict:
         path, value = parse_override(text)
         node, schema = data, model
         for depth, part in enumerate(path):
-            last = depth == len(path) - 1
-            fields = _fields_of(schema, node)
-            if fields is not None and part not in fields:
-                close = difflib.get_close_matches(part, sorted(fields), n=3, cutoff=0.5)
-                where = ".".join(path[:depth + 1])
-                hint = f"did you mean {', '.join('.'.join(path[:depth] + [c]) for c in close)}? " if close else ""
-                raise ConfigError(f"--set {text!r}: '{where}' is not a config field",
-                                  fix=f"{hint}valid here: {', '.join(sorted(fields))}")
-            if last:
-                node[part] = value
+            where = ".".join(path[:depth + 1])
+            if isinstance(node, list):  # an item of a list section, by index: scheme.teachers.0.train.steps
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {text!r}: '{where}': {'.'.join(path[:depth])} is a list of "
+                                      f"{len(node)} items", fix=f"use an index from 0 to {len(node) - 1}")
+                key: Any = int(part)
+                item_schema = schema
+            else:
+                fields = _fields_of(schema)
+                if fields is not None and part not in fields:
+                    close = difflib.get_close_matches(part, sorted(fields), n=3, cutoff=0.5)
+                    hint = f"did you mean {', '.join('.'.join(path[:depth] + [c]) for c in close)}? " \
+                        if close else ""
+                    raise ConfigError(f"--set {text!r}: '{where}' is not a config field",
+                                      fix=f"{hint}valid here: {', '.join(sorted(fields))}")
+                key, item_schema = part, None
+            if depth == len(path) - 1:
+                node[key] = value
                 break
-            child = node.get(part)
+            child = node[key] if isinstance(node, list) else node.get(key)
             if child is None:
                 child = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {text!r}: '{'.'.join(path[:depth + 1])}' is a value, not a section",
-                                  fix=f"set it whole: --set {'.'.join(path[:depth + 1])}=...")
-            node[part] = child
-            node, schema = child, _field_model(schema, part, child)
+            if not isinstance(child, (dict, list)):
+                raise ConfigError(f"--set {text!r}: '{where}' is a value, not a section",
+                                  fix=f"set it whole: --set {where}=...")
+            node[key] = child
+            if item_schema is not None:
+                schema = _model_in(item_schema, child) if isinstance(child, dict) else item_schema
+            elif isinstance(child, list):
+                schema = _list_item_annotation(schema, part)
+            else:
+                schema = _field_model(schema, part, child)
+            node = child
     return data
 
 
-def _fields_of(schema: Any, node: dict):
+def _list_item_annotation(schema: Any, name: str) -> Any:
+    """The item annotation of list field `name` of `schema` (None when unknown)."""
+    import typing
+
+    field = schema.model_fields.get(name) if isinstance(schema, type) and issubclass(schema, BaseModel) else None
+    if field is None:
+        return None
+    for arg in (field.annotation, *typing.get_args(field.annotation)):
+        if typing.get_origin(arg) is list:
+            return typing.get_args(arg)[0]
+    return None
+
+
+def _fields_of(schema: Any):
     """The field names of `schema` (None when free-form: any key allowed)."""
     if isinstance(schema, type) and issubclass(schema, BaseModel):
         names = set(schema.model_fields)
@@ -160,9 +187,7 @@ def _fields_of(schema: Any, node: dict):
 
 
 def _field_model(schema: Any, name: str, node: dict):
-    """The pydantic model of field `name` of `schema` (a union picks its member by the node's 'name'/'task')."""
-    import typing
-
+    """The pydantic model of field `name` of `schema` (a union picks its member by the node's 'name')."""
     if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
         return None
     field = schema.model_fields.get(name)
@@ -176,6 +201,8 @@ def _field_model(schema: Any, name: str, node: dict):
 def _model_in(annotation: Any, node: dict):
     import typing
 
+    if annotation is None:
+        return None
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     args = [a for a in typing.get_args(annotation) if a is not type(None)]

@@ -1,6 +1,12 @@
-"""The comparison table printed after a run (plain text, fits an 100-column terminal)."""
+"""The table printed after a classification run (plain text, fits an 100-column terminal).
+
+`summary_table(summary)` picks the form: the offline comparison (teacher, baseline, KD student with cost
+columns) or, for every other scheme, one row per model the scheme evaluated. Both are drawn by `text_table`.
+"""
 
 from __future__ import annotations
+
+from typing import Sequence
 
 
 def _fmt_int(n: float) -> str:
@@ -10,23 +16,51 @@ def _fmt_int(n: float) -> str:
     return f"{n:.0f}"
 
 
-def comparison_table(summary: dict) -> str:
-    rows = [("model", "top-1 %", "agree %", "ECE", "params", "bytes", "FLOPs", "lat ms", "samples/s")]
-    for name in ("teacher", "baseline", "student"):
-        m = summary.get(name)
-        if not m:
-            continue
-        label = {"teacher": "teacher", "baseline": "student, no teacher", "student": "student, KD"}[name]
-        agree = f"{100 * m['agreement']:.1f}" if "agreement" in m else "-"
-        rows.append((label, f"{100 * m['accuracy']:.1f}", agree, f"{m['ece']:.3f}", _fmt_int(m["params"]),
-                     _fmt_int(m["bytes"]), _fmt_int(m["flops"]), f"{m['latency_ms']:.3f}",
-                     _fmt_int(m["throughput"])))
+def _fmt(m: dict, key: str, fmt) -> str:
+    return fmt(m[key]) if key in m else "-"
+
+
+def text_table(rows: Sequence[Sequence[str]], footer: str) -> str:
+    """Columns aligned (the first left, the others right), a rule under the header row, then `footer`."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for j, r in enumerate(rows):
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
         if j == 0:
             lines.append("-" * len(lines[0]))
-    lines.append(f"retention {summary['retention']:.3f}   compression {summary['compression']:.2f}x   "
-                 f"speedup {summary['speedup']:.2f}x   (dataset: {summary.get('dataset', '?')})")
+    lines.append(footer)
     return "\n".join(lines)
+
+
+def comparison_table(summary: dict) -> str:
+    """The offline run: teacher, student without teacher, KD student; quality and cost."""
+    rows = [("model", "top-1 %", "agree %", "ECE", "params", "bytes", "FLOPs", "lat ms", "samples/s")]
+    for name in ("teacher", "baseline", "student"):
+        m = summary.get(name)
+        if not m:
+            continue
+        label = {"teacher": "teacher", "baseline": "student, no teacher", "student": "student, KD"}[name]
+        rows.append((label, f"{100 * m['accuracy']:.1f}", _fmt(m, "agreement", lambda v: f"{100 * v:.1f}"),
+                     f"{m['ece']:.3f}", _fmt_int(m["params"]), _fmt_int(m["bytes"]), _fmt_int(m["flops"]),
+                     f"{m['latency_ms']:.3f}", _fmt_int(m["throughput"])))
+    return text_table(rows, f"retention {summary['retention']:.3f}   compression {summary['compression']:.2f}x   "
+                            f"speedup {summary['speedup']:.2f}x   (dataset: {summary.get('dataset', '?')})")
+
+
+def models_table(summary: dict) -> str:
+    """Every evaluated model of a scheme's summary (``summary["models"]``)."""
+    rows = [("model", "top-1 %", "agree %", "ECE", "params")]
+    for label, m in summary.get("models", {}).items():
+        rows.append((label, f"{100 * m['accuracy']:.1f}", _fmt(m, "agreement", lambda v: f"{100 * v:.1f}"),
+                     _fmt(m, "ece", lambda v: f"{v:.3f}"), _fmt(m, "params", lambda v: f"{v:,}")))
+    return text_table(rows, f"(scheme: {summary.get('scheme', '?')}, dataset: {summary.get('dataset', '?')})")
+
+
+def summary_table(summary: dict) -> str:
+    """The table of a classification run's summary, whatever its scheme."""
+    if summary.get("scheme", "offline") == "offline" and "teacher" in summary and "student" in summary:
+        return comparison_table(summary)
+    return models_table(summary)
+
+
+__all__ = ["comparison_table", "models_table", "summary_table", "text_table"]

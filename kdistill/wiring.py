@@ -133,7 +133,7 @@ def check_placement(model: nn.Module, inputs: Any, role: str) -> None:
 
 def check_vocabularies(student: nn.Module, teacher: Any, tokenizer: Any = None) -> None:
     """Two models that declare a vocabulary (``config.vocab_size``) and read the same token ids must share it
-    (`kdistill.llm.check_vocab`; with `tokenizer` a head padded beyond the tokenizer's size is allowed)."""
+    (`kdistill.models.vocab.check_vocab`; with `tokenizer` a head padded beyond the tokenizer's size is allowed)."""
     if not (hasattr(getattr(student, "config", None), "vocab_size")
             and hasattr(getattr(teacher, "config", None), "vocab_size")):
         return
@@ -148,8 +148,8 @@ def _teacher_module(distiller) -> Optional[nn.Module]:
 
 
 def dry_run(distiller, batch: Mapping[str, Any]) -> None:
-    """Check the wiring of `distiller` on one batch and build its lazy parts (`Distiller.build`): one line per
-    fault, raised before any optimizer step."""
+    """Check the wiring of an objective (`kdistill.objective.Objective`) on one batch and build its lazy parts
+    (its ``build``): one line per fault, raised before any optimizer step."""
     check_finite(batch, "first batch")
     student_inputs = batch.get("student_x", batch["x"])
     teacher_inputs = batch.get("teacher_x", batch["x"])
@@ -171,7 +171,7 @@ def _diagnose(distiller, batch: Mapping[str, Any], err: BaseException) -> Wiring
     """Which side failed: re-run the teacher alone, then the student alone, on the same batch."""
     sides = []
     if distiller.teacher is not None:
-        sides.append(("teacher", batch.get("teacher_x", batch["x"]), lambda: distiller.teacher_values(batch)))
+        sides.append(("teacher", batch.get("teacher_x", batch["x"]), lambda: distiller.teacher(batch)))
     inputs = batch.get("student_x", batch["x"])
     run_student = getattr(distiller.side, "run_student", None)
     if run_student is not None:
@@ -189,14 +189,6 @@ def _diagnose(distiller, batch: Mapping[str, Any], err: BaseException) -> Wiring
                        fix="check the terms' taps and params against docs/methods.md")
 
 
-def _to(value: Any, device: torch.device) -> Any:
-    if torch.is_tensor(value):
-        return value.to(device)
-    if isinstance(value, Mapping):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
-
-
 def preflight(stages: Iterable[tuple[str, Any, Any, Any]], *, device: Optional[torch.device] = None,
               world_size: int = 1, num_classes: Optional[int] = None) -> None:
     """Check every stage of a plan before the first one trains.
@@ -204,6 +196,8 @@ def preflight(stages: Iterable[tuple[str, Any, Any, Any]], *, device: Optional[t
     `stages` holds (name, distiller, dataset, train_config); the distillers should hold throw-away copies of the
     models (the dry run freezes a teacher and builds adapters). RNG states are left as they were. A fault raises
     the `KDError` of `dry_run`/`check_data` with the stage's name added to its `where`."""
+    from accelerate.utils import send_to_device
+
     from kdistill.seeding import preserved_global_rng
 
     device = device or torch.device("cpu")
@@ -214,7 +208,7 @@ def preflight(stages: Iterable[tuple[str, Any, Any, Any]], *, device: Optional[t
                 if not hasattr(data, "batch"):
                     continue  # other datasets are checked by the engine's own dry run on its first batch
                 micro = cfg.batch_size // cfg.grad_accum
-                batch = _to(data.batch(torch.arange(micro)), device)
+                batch = send_to_device(data.batch(torch.arange(micro)), device)
                 check_models_materialized(distiller)
                 distiller.side.to(device)
                 teacher = _teacher_module(distiller)

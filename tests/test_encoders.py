@@ -11,9 +11,7 @@ from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassificat
 from kdistill.config import TrainConfig  # noqa: E402
 from kdistill.data.arrays import ArrayDataset  # noqa: E402
 from kdistill.encoders import (  # noqa: E402
-    CachedEmbeddings,
     EncoderDistiller,
-    EncoderTerm,
     MaskedLM,
     SentenceEncoder,
     build_student,
@@ -28,8 +26,11 @@ from kdistill.encoders import (  # noqa: E402
 )
 from kdistill.encoders.data import wiki_sentences  # noqa: E402
 from kdistill.encoders.features import encoder_inputs  # noqa: E402
+from kdistill.encoders.distiller import EncoderTeacher  # noqa: E402
 from kdistill.engine import Engine  # noqa: E402
 from kdistill.errors import WiringError  # noqa: E402
+from kdistill.objective import DistillOutput, Objective, Term  # noqa: E402
+from kdistill.teachers import CacheSpec, CachedTeacher, build_cache  # noqa: E402
 
 VOCAB = 64
 
@@ -219,6 +220,28 @@ def test_tinybert_terms_train_a_narrower_student_and_projections_are_not_exporte
     assert exported is student and not any("adapters" in k for k in exported.state_dict())
 
 
+def test_the_encoder_distiller_implements_the_objective_contract():
+    teacher = seeded(BertModel, tiny_config())
+    student = build_student(teacher, num_layers=2, seed=1)
+    for preset in (distilbert_terms(), tinybert_terms(), minilm_terms(), embedding_terms()):
+        assert all(type(t) is Term for t in preset)
+    distiller = EncoderDistiller(student, teacher, minilm_terms())
+    assert isinstance(distiller, Objective) and isinstance(distiller.teacher, EncoderTeacher)
+    batch = dataset(n=8).batch(torch.arange(8))
+    distiller.build(batch)
+    out = distiller(batch)
+    assert isinstance(out, DistillOutput) and set(out.terms) == {"at", "vr"}
+    assert distiller.export_student() is student
+
+
+@pytest.mark.parametrize("loss, message", [("crd", "cannot be used by an encoder objective"),
+                                           ("hidden_mes", "unknown loss 'hidden_mes'")])
+def test_terms_of_losses_an_encoder_cannot_use_are_refused(loss, message):
+    teacher = seeded(BertModel, tiny_config())
+    with pytest.raises(WiringError, match=message):
+        EncoderDistiller(build_student(teacher, num_layers=2), teacher, [Term("x", loss)])
+
+
 def test_distilbert_triple_loss_preset_with_masking():
     teacher = seeded(BertForMaskedLM, tiny_config())
     student = build_student(teacher, num_layers=2)
@@ -261,9 +284,9 @@ def test_layer_terms_are_checked_against_depths_at_construction():
     teacher = seeded(BertModel, tiny_config())
     student = build_student(teacher, num_layers=2)
     with pytest.raises(WiringError, match=r"student has layers 0\.\.2 and the teacher 0\.\.4"):
-        EncoderDistiller(student, teacher, [EncoderTerm("h", "hidden_mse", layers=[[3, 4]])])
+        EncoderDistiller(student, teacher, [Term("h", "hidden_mse", layers=[[3, 4]])])
     with pytest.raises(WiringError, match="needs the teacher's layers"):
-        EncoderDistiller(student, CachedEmbeddings(torch.zeros(4, 32)), [EncoderTerm("h", "hidden_mse")])
+        EncoderDistiller(student, lambda batch: {}, [Term("h", "hidden_mse")])
     with pytest.raises(WiringError, match="need a teacher"):
         EncoderDistiller(student, None, embedding_terms())
 
@@ -284,8 +307,8 @@ def test_a_cached_teacher_declaring_its_depth_can_feed_layer_terms():
             return {"hidden.4": feats["hidden.4"][batch["index"], :length], "mask": mask[:, :length].bool()}
 
     student = build_student(teacher, num_layers=2)
-    live = EncoderDistiller(student, teacher, [EncoderTerm("h", "hidden_mse", layers="last-1")])
-    cached = EncoderDistiller(student, CachedLastLayer(), [EncoderTerm("h", "hidden_mse", layers="last-1")])
+    live = EncoderDistiller(student, teacher, [Term("h", "hidden_mse", layers="last-1")])
+    cached = EncoderDistiller(student, CachedLastLayer(), [Term("h", "hidden_mse", layers="last-1")])
     assert cached.layer_pairs() == live.layer_pairs() == {"h": [(2, 4)]}
     batch = data.batch(torch.arange(8))
     cached.build(batch)
@@ -293,12 +316,12 @@ def test_a_cached_teacher_declaring_its_depth_can_feed_layer_terms():
     with torch.no_grad():
         assert torch.allclose(cached(batch).terms["h"], live(batch).terms["h"], atol=1e-6)
     with pytest.raises(WiringError, match="teacher gave no"):
-        EncoderDistiller(student, CachedLastLayer(), [EncoderTerm("h", "hidden_mse", layers=[[1, 2]])]).build(batch)
+        EncoderDistiller(student, CachedLastLayer(), [Term("h", "hidden_mse", layers=[[1, 2]])]).build(batch)
 
 
 def test_token_terms_refuse_different_tokenizations():
     teacher = seeded(BertModel, tiny_config())
-    distiller = EncoderDistiller(build_student(teacher, num_layers=2), teacher, [EncoderTerm("h", "hidden_mse")])
+    distiller = EncoderDistiller(build_student(teacher, num_layers=2), teacher, [Term("h", "hidden_mse")])
     ids, mask = token_batch(8)
     shifted = mask.clone()
     shifted[0, 2] = 0  # the teacher sees a different set of real tokens
@@ -306,16 +329,21 @@ def test_token_terms_refuse_different_tokenizations():
         distiller.build({"x": ids, "attention_mask": mask, "teacher_x": {"input_ids": ids, "attention_mask": shifted}})
 
 
-def test_embedding_distillation_from_cached_teacher_embeddings_learns_the_similarity_structure():
+def test_embedding_distillation_from_cached_teacher_embeddings_learns_the_similarity_structure(tmp_path):
     from kdistill.encoders.evaluate import similarity_spearman
 
     teacher = SentenceEncoder(seeded(BertModel, tiny_config(), seed=3))
     data = dataset(n=64, seed=4)
     with torch.no_grad():
         cached = teacher(data.tensors["x"], data.tensors["attention_mask"])
+    # the teacher's embeddings go through the shared teacher-output cache (dense float32 'embedding')
+    cache = build_cache(EncoderTeacher(teacher, {"embedding"}), data, tmp_path / "cache",
+                        CacheSpec(dtype="float32", batch_size=16), outputs=["embedding"], log=lambda s: None)
+    assert isinstance(cache, CachedTeacher)
+    assert torch.allclose(cache(data.batch(torch.arange(64)))["embedding"], cached, atol=1e-6)
     student = build_student(teacher, num_layers=1, hidden_size=16, seed=4)
     assert student.dim == 32  # projected to the teacher's embedding width
-    distiller = EncoderDistiller(student, CachedEmbeddings(cached), embedding_terms())
+    distiller = EncoderDistiller(student, cache, embedding_terms())
     student.eval()
     with torch.no_grad():
         start = similarity_spearman(student(data.tensors["x"], data.tensors["attention_mask"]), cached)
@@ -328,7 +356,7 @@ def test_embedding_distillation_from_cached_teacher_embeddings_learns_the_simila
 
 def test_simcse_scratch_objective_needs_no_teacher():
     student = build_student(SentenceEncoder(seeded(BertModel, tiny_config())), num_layers=1, hidden_size=16)
-    result = fit(EncoderDistiller(student, None, [EncoderTerm("simcse", "simcse")]), dataset(), steps=3)
+    result = fit(EncoderDistiller(student, None, [Term("simcse", "simcse")]), dataset(), steps=3)
     assert result["terms"]["simcse"] > 0
 
 

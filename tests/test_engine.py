@@ -135,9 +135,10 @@ def test_interrupted_run_resumes_to_same_weights(tmp_path):
     part = mlp(1)
     d = Distiller(part, None, [Term("ce", "ce")])
     eng = Engine(cfg, tmp_path / "b", progress=False, seed=5)
-    import kdistill.engine.loop as loop
+    from kdistill.engine import Interrupted
+    from kdistill.engine.metrics import MetricsLog
 
-    original = loop.MetricsLog.write
+    original = MetricsLog.write
 
     def stop_at_20(self, record):
         original(self, record)
@@ -146,12 +147,12 @@ def test_interrupted_run_resumes_to_same_weights(tmp_path):
             import signal
             os.kill(os.getpid(), signal.SIGTERM)
 
-    loop.MetricsLog.write = stop_at_20
+    MetricsLog.write = stop_at_20
     try:
-        with pytest.raises(loop.Interrupted, match="resume"):
+        with pytest.raises(Interrupted, match="resume"):
             eng.fit(d, data)
     finally:
-        loop.MetricsLog.write = original
+        MetricsLog.write = original
     assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints" / "student")][-1] == "step-00000020"
     resumed = mlp(99)  # different init: everything must come from the checkpoint
     res = Engine(cfg, tmp_path / "b", progress=False, seed=5).fit(Distiller(resumed, None, [Term("ce", "ce")]), data)

@@ -29,7 +29,7 @@ from kdistill.llm import (  # noqa: E402
     shift_labels,
     student_from_teacher,
 )
-from kdistill.llm.token_loss import DIVERGENCES  # noqa: E402
+from kdistill.losses.lm import DIVERGENCES  # noqa: E402
 
 VOCAB = 40
 
@@ -393,10 +393,11 @@ def test_sequence_level_kd_with_an_hf_teacher_and_student_fine_tuning(tmp_path):
 
 
 def test_lm_config_parses_the_example_and_reports_one_line_errors(tmp_path):
-    from kdistill.llm.config import is_lm_config, load_lm_config, parse_lm_config
+    from kdistill.tasks import get_task, load_any
 
-    cfg = load_lm_config("examples/smollm2.yaml")
-    assert is_lm_config("examples/smollm2.yaml") and not is_lm_config("examples/mnist1d_kd.yaml")
+    task, cfg = load_any("examples/smollm2.yaml")
+    assert task.name == "causal_lm" and load_any("examples/mnist1d_kd.yaml")[0].name == "classification"
+    parse_lm_config = get_task("causal_lm").parse
     assert cfg.student.every == 3 and cfg.teacher.cache.k == 64 and cfg.distill.divergence == "forward_kl"
     with pytest.raises(ConfigError, match=r"distill\.divergence: got 'kl'; allowed") as err:
         parse_lm_config({"task": "causal_lm", "distill": {"divergence": "kl"}})

@@ -1,16 +1,38 @@
-"""Chunked token-level KD loss: equal to the full-logits reference and to the divergence formulas."""
+"""Chunked token-level KD loss (`kdistill.losses.lm`): equal to the full-logits reference below and to the
+divergence formulas."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kdistill.errors import WiringError
-from kdistill.llm.token_loss import DIVERGENCES, get_output_head, token_kd_loss, token_kd_loss_reference
+from kdistill.losses.lm import (DIVERGENCES, divergence_term, head_logits, row_divergence, token_kd_inputs,
+                                token_kd_loss)
 
 transformers = pytest.importorskip("transformers")
+
+from kdistill.llm import head_parts  # noqa: E402
+
+
+def token_kd_loss_reference(student_hidden, student_head, teacher_hidden, teacher_head, labels, *,
+                            divergence="forward_kl", beta=0.5, alpha=0.1, temperature=1.0, chunk_size=None,
+                            student_softcap=None, teacher_softcap=None, student_logit_scale=1.0,
+                            teacher_logit_scale=1.0):
+    """Plain version of `token_kd_loss` (same signature and value) that builds the full ``(B, T, V)`` logits of
+    both models and lets autograd store everything; for tests and benchmarks. `chunk_size` is ignored."""
+    w_s, b_s, w_t, b_t = token_kd_inputs(student_hidden, student_head, teacher_hidden, teacher_head, labels)
+    fn = row_divergence(*divergence_term(divergence, beta=beta, alpha=alpha, temperature=temperature))
+    z_s = head_logits(F.linear(student_hidden, w_s, b_s), student_logit_scale, student_softcap)
+    with torch.no_grad():
+        z_t = head_logits(F.linear(teacher_hidden, w_t, b_t), teacher_logit_scale, teacher_softcap)
+    valid = labels.to(z_s.device) != -100
+    if not bool(valid.any()):
+        return student_hidden.reshape(-1)[:0].sum().float() + w_s.reshape(-1)[:0].sum().float()
+    return fn(z_s[valid], z_t[valid]) / valid.sum()
 
 B, T, H_S, H_T, V = 3, 7, 12, 20, 37
 
@@ -262,9 +284,10 @@ def _tiny(config_cls, model_cls, **extra):
         ("Cohere", {"logit_scale": 0.25}, None, 0.25),
     ],
 )
-def test_get_output_head_reproduces_the_model_logits(family, extra, softcap, scale):
+def test_head_parts_reproduce_the_model_logits(family, extra, softcap, scale):
     model = _tiny(getattr(transformers, f"{family}Config"), getattr(transformers, f"{family}ForCausalLM"), **extra)
-    weight, bias, got_softcap, got_scale = get_output_head(model)
+    parts = head_parts(model)
+    weight, bias, got_softcap, got_scale = parts["weight"], parts["bias"], parts["softcap"], parts["scale"]
     assert (got_softcap, got_scale) == (softcap, pytest.approx(scale))
     input_ids = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 from kdistill.data.text import lm_blocks, split_by_article, wiki_articles  # noqa: E402
 from kdistill.llm import hf  # noqa: E402
 from kdistill.llm.student import decoder_layers_path, student_from_teacher  # noqa: E402
-from kdistill.llm.token_loss import get_output_head, token_kd_loss  # noqa: E402
+from kdistill.llm import head_parts, token_kd_loss  # noqa: E402
 from kdistill.models.vocab import check_vocab  # noqa: E402
 
 VOCAB = 48
@@ -141,8 +141,8 @@ def test_student_keeps_tied_head_and_can_be_trained_with_the_token_loss():
     with torch.no_grad():
         teacher_hidden = teacher(INPUT_IDS, output_hidden_states=True).hidden_states[-1]
     student_hidden = student(INPUT_IDS, output_hidden_states=True).hidden_states[-1]
-    w_s = get_output_head(student)[0]
-    w_t = get_output_head(teacher)[0]
+    w_s = head_parts(student)["weight"]
+    w_t = head_parts(teacher)["weight"]
     loss = token_kd_loss(student_hidden, w_s, teacher_hidden, w_t, labels, chunk_size=5)
     loss.backward()
     assert loss.item() > 0 and student.model.embed_tokens.weight.grad.abs().sum() > 0
@@ -336,10 +336,11 @@ def test_real_smollm2_teacher_scores_a_sentence_and_yields_a_student():
     assert math.isfinite(out.loss.item()) and out.loss.item() < 5.0  # nats/token; a random model scores ~10.8
     student = student_from_teacher(model, every=3)
     assert student.config.num_hidden_layers == 10 and getattr(student.config, "quantization_config", None) is None
-    weight, bias, softcap, scale = get_output_head(model)
+    parts = head_parts(model)
+    weight, bias, softcap, scale = parts["weight"], parts["bias"], parts["softcap"], parts["scale"]
     assert bias is None and softcap is None and scale == 1.0
     labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
     with torch.no_grad():
         student_hidden = student(ids, output_hidden_states=True).hidden_states[-1]
-        kd = token_kd_loss(student_hidden, get_output_head(student)[0], out.hidden_states[-1], weight, labels)
+        kd = token_kd_loss(student_hidden, head_parts(student)["weight"], out.hidden_states[-1], weight, labels)
     assert 0 < kd.item() < 20

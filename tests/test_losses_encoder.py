@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from kdistill.errors import WiringError
-from kdistill.losses import is_registered
+from kdistill.losses import get_loss, is_registered
 from kdistill.losses.encoder import (
     attention_kl,
     attention_mse,
     attention_probabilities,
+    embedding_cosine,
+    embedding_mse,
     hidden_cosine,
     hidden_mse,
     self_relation,
@@ -221,5 +223,45 @@ def test_half_inputs_are_upcast():
 
 def test_registered_in_the_term_registry():
     for name in ("hidden_mse", "hidden_cosine", "attention_kl", "attention_mse", "self_relation",
-                 "similarity_matrix"):
+                 "similarity_matrix", "embedding_cosine", "embedding_mse", "embedding_layer", "value_relation",
+                 "query_relation", "key_relation", "mlm", "simcse"):
         assert is_registered(name)
+
+
+@pytest.mark.parametrize("name, kind, feature, min_layer, default_layers", [
+    ("hidden_mse", "feature", "hidden", 0, "uniform"),        # also a classification tap loss: one spec
+    ("hidden_cosine", "feature", "hidden", 0, "uniform"),
+    ("embedding_layer", "layer", "hidden", 0, [[0, 0]]),
+    ("attention_kl", "feature", "attention", 1, "last-1"),
+    ("attention_mse", "feature", "attention", 1, "uniform"),
+    ("value_relation", "layer", "value", 1, "last-1"),
+    ("query_relation", "layer", "query", 1, "last-1"),
+    ("key_relation", "layer", "key", 1, "last-1"),
+])
+def test_layer_losses_carry_their_feature_and_layer_map_in_the_registry(name, kind, feature, min_layer,
+                                                                        default_layers):
+    spec = get_loss(name)
+    assert (spec.kind, spec.feature, spec.min_layer, spec.default_layers) == (kind, feature, min_layer,
+                                                                             default_layers)
+
+
+def test_embedding_losses_and_the_encoder_loss_list_come_from_the_registry():
+    from kdistill.encoders.terms import encoder_loss_names
+
+    for name in ("embedding_cosine", "embedding_mse", "similarity_matrix"):
+        assert get_loss(name).kind == "embedding"
+    assert get_loss("embedding_cosine").same_shape and not get_loss("similarity_matrix").same_shape
+    assert not get_loss("mlm").needs_teacher and not get_loss("simcse").needs_teacher
+    names = encoder_loss_names()
+    assert {"hidden_mse", "embedding_layer", "value_relation", "kd", "ce", "mlm", "simcse",
+            "embedding_cosine", "similarity_matrix"} <= set(names)
+    assert "crd" not in names and "hint" not in names and "self_relation" not in names
+
+
+def test_embedding_cosine_and_mse_match_references():
+    s, t = rand(5, 7), rand(5, 7, seed=1)
+    cos = torch.nn.functional.cosine_similarity(s.double(), t.double(), dim=1)
+    assert embedding_cosine(s, t).item() == pytest.approx((1 - cos).mean().item(), abs=1e-6)
+    assert embedding_mse(s, t).item() == pytest.approx(((s.double() - t.double()) ** 2).mean().item(), abs=1e-6)
+    with pytest.raises(WiringError, match="embedding_cosine"):
+        embedding_cosine(s[0], t[0])

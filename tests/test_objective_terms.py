@@ -90,15 +90,15 @@ def test_term_on_an_undefined_tap_is_a_one_line_config_error(tmp_path, capsys):
 def test_example_config_runs_through_the_cli(tmp_path, monkeypatch):
     """examples/fashion_mnist_methods.yaml with a tiny budget: every term trains and is logged by name."""
     from kdistill.data import ArrayDataset
-    from kdistill.schemes import offline
+    from kdistill.schemes import common
 
     def small_test_set(data_cfg):  # evaluating a ResNet on all 10000 test images would dominate the test's time
         bundle = load_data(data_cfg)
         bundle.test = ArrayDataset({k: v[:256] for k, v in bundle.test.tensors.items()}, bundle.test.name)
         return bundle
 
-    load_data = offline.load_data
-    monkeypatch.setattr(offline, "load_data", small_test_set)
+    load_data = common.load_data
+    monkeypatch.setattr(common, "load_data", small_test_set)
     cfg = yaml.safe_load(EXAMPLE.read_text())
     parse_config(copy.deepcopy(cfg))  # the example itself is valid as shipped
     cfg["data"]["train_size"] = 256

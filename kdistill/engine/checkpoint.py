@@ -28,8 +28,10 @@ import torch
 from safetensors.torch import load_file
 
 from kdistill.errors import CheckpointError
-from kdistill.files import (atomic_write_bytes, fsync_dir, load_weights, os_reason, safetensors_bytes, save_weights,
-                            sha256)
+from kdistill.files import atomic_write_bytes, fsync_dir, load_weights, os_reason, save_weights, sha256
+
+__all__ = ["CheckpointWriter", "atomic_write_bytes", "list_checkpoints", "load_latest", "load_weights",
+           "rng_state", "save_weights", "set_rng_state", "step_of", "verify"]  # the `files` writers re-exported
 
 PREFIX = "step-"
 

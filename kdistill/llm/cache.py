@@ -5,7 +5,7 @@ outputs on fixed training blocks never change, so `build_lm_cache` runs it once 
 position, the top-k token ids, their log-probabilities and the log of the remaining (tail) mass
 (`kdistill.teachers` top-k store; about ``k * 4 + 4`` bytes per token with float16 values). Training then reads
 the rows of each batch by its ``index`` (`kdistill.teachers.CachedTeacher`) and `LMDistiller` applies the
-divergence on the k + 1 buckets (`kdistill.llm.head_loss.sparse_token_kd_loss`).
+divergence on the k + 1 buckets (`kdistill.losses.lm.sparse_token_kd_loss`).
 
 The cache is keyed by the teacher's weights, the blocks' content and the storage settings: a cache built for
 other blocks, another teacher or another k / temperature is refused (or rebuilt with ``rebuild=True``), and a

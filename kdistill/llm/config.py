@@ -1,32 +1,26 @@
-"""The YAML of a causal-LM distillation run (``task: causal_lm``, e.g. ``examples/smollm2.yaml``).
+"""The config of a causal-LM distillation run (``task: causal_lm``, e.g. ``examples/smollm2.yaml``).
 
-Pydantic models, unknown keys are errors, validation problems become one-line `ConfigError`s naming the field
-path. `kdistill run` and `kdistill cache build` recognise an LM config by its ``task: causal_lm`` line
-(`is_lm_config`).
+Strict pydantic models (`kdistill.configbase.Strict`: unknown keys are errors); reading the YAML, ``--set``
+overrides and one-line `ConfigError`s are the shared `kdistill.tasks.load_any`, which picks this model by the
+config's ``task: causal_lm`` line. The job is `kdistill.tasks.causal_lm`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from kdistill.configbase import format_validation_error
+from kdistill.configbase import Strict
+from kdistill.losses.lm import DIVERGENCES
 from kdistill.train_config import TrainConfig
-from kdistill.errors import ConfigError
 
-__all__ = ["LMRunConfig", "TASK", "is_lm_config", "load_lm_config", "parse_lm_config"]
+__all__ = ["LMCacheConfig", "LMDataConfig", "LMDistillConfig", "LMEvalConfig", "LMRunConfig", "LMStudentConfig",
+           "LMTeacherConfig", "OnPolicyConfig"]
 
-TASK = "causal_lm"
+Divergence = Literal[DIVERGENCES]  # type: ignore[valid-type]  # forward_kl, reverse_kl, jsd, ...
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
-class LMCacheConfig(_Strict):
+class LMCacheConfig(Strict):
     """The teacher's next-token distributions over the training blocks, stored once (`kdistill cache build`)."""
 
     dir: Optional[str] = Field(None, description="cache folder (default: RUN_DIR/teacher-cache)")
@@ -36,13 +30,13 @@ class LMCacheConfig(_Strict):
     batch_size: int = Field(8, ge=1, description="blocks per teacher forward while building")
 
 
-class LMTeacherConfig(_Strict):
+class LMTeacherConfig(Strict):
     path: str = Field("smollm2", description="'smollm2' (the packaged SmolLM2-135M-Instruct) or a local folder")
     gguf_file: Optional[str] = Field(None, description="a .gguf file inside `path` (de-quantized to float32)")
     cache: Optional[LMCacheConfig] = Field(None, description="train from stored teacher outputs (no on-policy)")
 
 
-class LMStudentConfig(_Strict):
+class LMStudentConfig(Strict):
     """The student: the teacher's class with a subset of its decoder layers (weights copied)."""
 
     every: Optional[int] = Field(3, ge=1, description="keep teacher layers 0, every, 2*every, ...")
@@ -56,7 +50,7 @@ class LMStudentConfig(_Strict):
         return self
 
 
-class LMDataConfig(_Strict):
+class LMDataConfig(Strict):
     """Text blocks from the Wikipedia articles in gensim's test data, held out by whole article."""
 
     corpus: Literal["wiki"] = "wiki"
@@ -68,7 +62,7 @@ class LMDataConfig(_Strict):
     max_heldout_blocks: Optional[int] = Field(None, ge=1, description="held-out blocks used for perplexity")
 
 
-class OnPolicyConfig(_Strict):
+class OnPolicyConfig(Strict):
     """GKD: with probability `lambda` per batch the student samples, the live teacher scores."""
 
     lambda_: float = Field(0.5, ge=0, le=1, alias="lambda")
@@ -80,8 +74,8 @@ class OnPolicyConfig(_Strict):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
-class LMDistillConfig(_Strict):
-    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"] = "forward_kl"
+class LMDistillConfig(Strict):
+    divergence: Divergence = "forward_kl"
     temperature: float = Field(1.0, gt=0)
     beta: float = Field(0.5, ge=0, le=1, description="jsd: weight of the teacher in the mixture")
     alpha: float = Field(0.1, ge=0, le=1, description="skew_kl: skew")
@@ -97,12 +91,12 @@ class LMDistillConfig(_Strict):
         return self
 
 
-class LMEvalConfig(_Strict):
+class LMEvalConfig(Strict):
     batch_size: int = Field(8, ge=1, description="blocks per forward for perplexity")
 
 
-class LMRunConfig(_Strict):
-    task: Literal["causal_lm"] = TASK
+class LMRunConfig(Strict):
+    task: Literal["causal_lm"] = "causal_lm"
     seed: int = 0
     teacher: LMTeacherConfig = LMTeacherConfig()
     student: LMStudentConfig = LMStudentConfig()
@@ -119,45 +113,3 @@ class LMRunConfig(_Strict):
             raise ValueError("teacher.cache and distill.on_policy exclude each other: the student's samples need a "
                              "live teacher; remove one")
         return self
-
-
-def parse_lm_config(data: Any, source: str = "config") -> LMRunConfig:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of fields, got {type(data).__name__}",
-                          fix="see examples/smollm2.yaml")
-    try:
-        return LMRunConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
-
-
-def _read_yaml(path: Path) -> Any:
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}", fix="give the path of a YAML file")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: YAML syntax error: {getattr(err, 'problem', None) or err}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a UTF-8 text file") from None
-
-
-def load_lm_config(path: Union[str, Path]) -> LMRunConfig:
-    path = Path(path)
-    return parse_lm_config(_read_yaml(path), str(path))
-
-
-def is_lm_config(path: Union[str, Path]) -> bool:
-    """Whether the YAML file at `path` is a causal-LM run (``task: causal_lm``); False when unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        return False
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError):
-        return False
-    return isinstance(data, dict) and data.get("task") == TASK
-
-
-def dump_lm_config(cfg: LMRunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from kdistill.data.arrays import ArrayDataset
 from kdistill.errors import DataError
-from kdistill.llm.token_loss import IGNORE_INDEX
+from kdistill.losses.lm import IGNORE_INDEX
 
 __all__ = ["block_dataset", "lm_inputs", "prompt_response_dataset", "token_id"]
 

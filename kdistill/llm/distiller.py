@@ -7,14 +7,15 @@
 
 The objective per batch is ``kd_weight * D + ce_weight * CE``, both means over the *target* tokens:
 
-* ``D``: a divergence between the teacher's and the student's next-token distributions
+* ``D`` (the term ``kd``): a divergence between the teacher's and the student's next-token distributions
   (``forward_kl``, ``reverse_kl``, ``jsd`` with ``beta``, ``skew_kl`` / ``skew_reverse_kl`` with ``alpha``,
-  ``tvd``; softmax temperature ``temperature``, no ``T^2`` factor);
-* ``CE``: next-token cross-entropy on the labels.
+  ``tvd``; softmax temperature ``temperature``, no ``T^2`` factor): a registry response loss with its params
+  (`kdistill.losses.lm.divergence_term`, e.g. ``reverse_kl`` is ``Term("kd", "kl", params={"reverse": True})``);
+* ``CE`` (the term ``ce``): next-token cross-entropy on the labels.
 
 Labels ``y`` are aligned with the input ids (the Hugging Face convention) and ``-100`` marks prompt and padding
 tokens; the hidden state at position ``t`` predicts token ``t + 1``, so position ``t`` counts when
-``y[t + 1] != -100`` (`kdistill.llm.head_loss.shift_labels`). Nothing builds a ``(tokens, vocabulary)`` logits
+``y[t + 1] != -100`` (`kdistill.losses.lm.shift_labels`). Nothing builds a ``(tokens, vocabulary)`` logits
 tensor: the student runs its decoder to the final hidden states, and every loss works from hidden states and the
 output head chunk by chunk.
 
@@ -33,9 +34,10 @@ Vocabulary safety: a live teacher is checked against the student (`check_vocab`,
 so padded heads are allowed and compared on the shared rows) when the distiller is made; a cached teacher's
 vocabulary size when it is built (before training). A mismatch raises `WiringError`.
 
-`LMDistiller` has the contract of `kdistill.distiller.Distiller` that the Engine relies on: ``.side``
-(`LMSide`, the trainable module: ``forward(inputs, teacher_values, labels) -> (output, {term: loss})``),
-``.teacher`` (callable ``batch -> dict``), ``.build(batch)``, ``set_step``, ``export_student()``, ``__call__``.
+`LMDistiller` implements the objective contract (`kdistill.objective`, a `SideObjective`): ``.side`` (`LMSide`,
+the trainable module: ``forward(inputs, teacher_values, labels) -> (output, {term: weighted loss})``),
+``.teacher`` (callable ``batch -> dict``), ``.build(batch)``, ``set_step``, ``export_student()`` and
+``__call__(batch) -> DistillOutput``; its terms are `Term`s (``.terms``).
 """
 
 from __future__ import annotations
@@ -44,40 +46,27 @@ from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdistill.distiller import DistillOutput
 from kdistill.errors import WiringError
-from kdistill.losses.sparse import SparseDistribution
 from kdistill.llm.data import lm_inputs, token_id
-from kdistill.llm.head_loss import (dense_token_kd_loss, head_parts, next_token_ce, shift_labels,
-                                    sparse_token_kd_loss)
+from kdistill.llm.heads import final_hidden_states, head_parts
 from kdistill.llm.onpolicy import OnPolicy, sample_continuations
-from kdistill.llm.token_loss import DEFAULT_CHUNK_SIZE, DIVERGENCES, token_kd_loss
+from kdistill.losses.lm import (DEFAULT_CHUNK_SIZE, dense_token_kd_loss, divergence_term, head_logits,
+                                next_token_ce, shift_labels, sparse_token_kd_loss, token_kd_loss)
+from kdistill.losses.sparse import SparseDistribution
 from kdistill.models.vocab import check_vocab
+from kdistill.objective import DistillOutput, SideObjective, Term
+from kdistill.teachers.live import FrozenTeacher
 
-__all__ = ["LMDistiller", "LMSide", "LMTeacher", "final_hidden_states"]
+__all__ = ["LMDistiller", "LMSide", "LMTeacher"]
 
 _WHERE = "kdistill.llm.LMDistiller"
 ON_POLICY = "on_policy"  # teacher-values flag: the batch's tokens were sampled by the student
 
 
-def final_hidden_states(model: nn.Module, inputs: Mapping[str, Any]) -> Tensor:
-    """The final (post-norm) hidden states ``(B, T, H)`` of a causal LM, without computing its logits.
-
-    Runs the decoder (``model.base_model``: ``model.model`` for Llama-family models, ``model.transformer`` for
-    GPT-2) when the model has one; otherwise the whole model with ``output_hidden_states=True``.
-    """
-    base = getattr(model, "base_model", None)
-    if isinstance(base, nn.Module) and base is not model:
-        out = base(**inputs, use_cache=False)
-        hidden = getattr(out, "last_hidden_state", None)
-        return hidden if hidden is not None else out[0]
-    out = model(**inputs, output_hidden_states=True, use_cache=False)
-    return out.hidden_states[-1]
-
-
-class LMTeacher:
+class LMTeacher(FrozenTeacher):
     """A frozen causal LM run live (eval mode, no gradients).
 
     ``output="hidden"`` returns ``{"hidden": (B, T, H), "head": W (V, H), "head_bias", "softcap", "scale"}``
@@ -85,62 +74,50 @@ class LMTeacher:
     stores). `vocab_rows` keeps only the first rows of a padded head.
     """
 
+    grad_free = torch.no_grad  # its head weights are handed to the loss as they are (no inference tensors)
+
     def __init__(self, model: nn.Module, *, output: str = "hidden", vocab_rows: Optional[int] = None):
         if output not in ("hidden", "logits"):
             raise WiringError(f"unknown teacher output {output!r}", where="kdistill.llm.LMTeacher",
                               fix="use 'hidden' (live KD) or 'logits' (cache building)")
-        self.model = model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        super().__init__(model)
         self.output = output
         self.vocab_rows = vocab_rows
 
-    def to(self, device: Any) -> "LMTeacher":
-        self.model.to(device)
-        return self
-
-    def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+    def outputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         inputs = lm_inputs(batch.get("teacher_x", batch["x"]) if "teacher_x" in batch else batch)
-        if self.model.training:
-            self.model.eval()
-        with torch.no_grad():
-            hidden = final_hidden_states(self.model, inputs)
-            head = head_parts(self.model, self.vocab_rows)
-            if self.output == "logits":
-                logits = torch.nn.functional.linear(hidden, head["weight"], head["bias"])
-                if head["scale"] != 1.0:
-                    logits = logits * head["scale"]
-                if head["softcap"] is not None:
-                    logits = torch.tanh(logits / head["softcap"]) * head["softcap"]
-                return {"logits": logits}
+        hidden = final_hidden_states(self.model, inputs)
+        head = head_parts(self.model, self.vocab_rows)
+        if self.output == "logits":
+            return {"logits": head_logits(F.linear(hidden, head["weight"], head["bias"]), head["scale"],
+                                          head["softcap"])}
         return {"hidden": hidden, "head": head["weight"], "head_bias": head["bias"], "softcap": head["softcap"],
                 "scale": head["scale"]}
 
 
 class LMSide(nn.Module):
-    """The trainable part: the student (and nothing else); computes the named loss terms from hidden states."""
+    """The trainable part: the student (and nothing else); computes the weighted terms from hidden states.
 
-    def __init__(self, student: nn.Module, *, kd_weight: float, ce_weight: float, divergence: str,
-                 temperature: float, beta: float, alpha: float, chunk_size: int, has_teacher: bool):
+    `terms` are the objective's `Term`s: ``ce`` (next-token CE on the labels) and a response loss of the registry
+    with its params (the divergence against the teacher)."""
+
+    def __init__(self, student: nn.Module, terms: list[Term], *, chunk_size: int):
         super().__init__()
         self.student = student
-        self.kd_weight, self.ce_weight = float(kd_weight), float(ce_weight)
-        self.divergence, self.temperature, self.beta, self.alpha = divergence, float(temperature), beta, alpha
+        self.terms = terms
         self.chunk_size = chunk_size
-        self.term_names = tuple(name for name, on in (("kd", has_teacher and self.kd_weight > 0),
-                                                       ("ce", self.ce_weight > 0)) if on)
         self.vocab_rows: Optional[int] = None
         self.step = 0
 
     def run_student(self, inputs: Mapping[str, Any]) -> tuple[Tensor, dict]:
         return final_hidden_states(self.student, inputs), {}
 
-    def _kd(self, hidden: Tensor, head: dict, teacher_values: Mapping[str, Any], shifted: Tensor) -> Tensor:
-        opts = dict(divergence=self.divergence, beta=self.beta, alpha=self.alpha, temperature=self.temperature,
-                    chunk_size=self.chunk_size)
+    def _kd(self, term: Term, hidden: Tensor, head: dict, teacher_values: Mapping[str, Any],
+            shifted: Tensor) -> Tensor:
+        opts = dict(loss=term.loss, params=term.params, chunk_size=self.chunk_size)
         if "hidden" in teacher_values:  # a live teacher
-            return token_kd_loss(hidden, _head_arg(head["weight"], head["bias"]), teacher_values["hidden"],
-                                 _head_arg(teacher_values["head"], teacher_values.get("head_bias")), shifted,
+            return token_kd_loss(hidden, (head["weight"], head["bias"]), teacher_values["hidden"],
+                                 (teacher_values["head"], teacher_values.get("head_bias")), shifted,
                                  student_softcap=head["softcap"], student_logit_scale=head["scale"],
                                  teacher_softcap=teacher_values.get("softcap"),
                                  teacher_logit_scale=teacher_values.get("scale", 1.0), **opts)
@@ -158,31 +135,20 @@ class LMSide(nn.Module):
         shifted = shift_labels(labels)
         head = head_parts(self.student, self.vocab_rows)
         terms: dict[str, Tensor] = {}
-        if "kd" in self.term_names:
-            terms["kd"] = self._kd(hidden, head, teacher_values, shifted) * self.kd_weight
-        if "ce" in self.term_names:
-            if teacher_values.get(ON_POLICY):  # the student's own samples are no labels to imitate
-                terms["ce"] = hidden.new_zeros((), dtype=torch.float32)
+        for term in self.terms:
+            if term.loss != "ce":
+                value = self._kd(term, hidden, head, teacher_values, shifted)
+            elif teacher_values.get(ON_POLICY):  # the student's own samples are no labels to imitate
+                terms[term.name] = hidden.new_zeros((), dtype=torch.float32)
+                continue
             else:
-                terms["ce"] = next_token_ce(hidden, head["weight"], head["bias"], shifted,
-                                            chunk_size=self.chunk_size, logit_scale=head["scale"],
-                                            softcap=head["softcap"]) * self.ce_weight
+                value = next_token_ce(hidden, head["weight"], head["bias"], shifted, chunk_size=self.chunk_size,
+                                      logit_scale=head["scale"], softcap=head["softcap"])
+            terms[term.name] = value * term.weight_at(self.step)
         return {"hidden": hidden}, terms
 
 
-class _LinearHead(nn.Module):
-    """A (weight, bias) pair in the shape `token_kd_loss` accepts for a head with a bias."""
-
-    def __init__(self, weight: Tensor, bias: Tensor):
-        super().__init__()
-        self.weight, self.bias = weight, bias
-
-
-def _head_arg(weight: Tensor, bias: Optional[Tensor]) -> Any:
-    return weight if bias is None else _LinearHead(weight, bias)
-
-
-class LMDistiller:
+class LMDistiller(SideObjective):
     """Student + (live, cached or no) teacher -> ``{"kd": ..., "ce": ...}`` per batch. See the module docstring.
 
     Args:
@@ -200,9 +166,7 @@ class LMDistiller:
     def __init__(self, student: nn.Module, teacher: Any = None, *, kd_weight: float = 1.0, ce_weight: float = 0.0,
                  divergence: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5, alpha: float = 0.1,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, tokenizer: Any = None, on_policy: Optional[OnPolicy] = None):
-        if divergence not in DIVERGENCES:
-            raise WiringError(f"unknown divergence {divergence!r}", where=f"{_WHERE}(divergence)",
-                              fix=f"use one of {list(DIVERGENCES)}")
+        loss, params = divergence_term(divergence, beta=beta, alpha=alpha, temperature=float(temperature))
         if kd_weight < 0 or ce_weight < 0 or (kd_weight == 0 and ce_weight == 0):
             raise WiringError(f"weights kd={kd_weight}, ce={ce_weight}: need non-negative weights, one of them > 0",
                               where=_WHERE, fix="e.g. kd_weight=1.0, ce_weight=0.0")
@@ -215,16 +179,13 @@ class LMDistiller:
             raise WiringError("on-policy distillation needs a live teacher to score the student's samples",
                               where=f"{_WHERE}(on_policy)",
                               fix="pass the teacher model (a cache holds outputs for fixed tokens only)")
-        self.teacher = teacher
+        terms = [Term("kd", loss, float(kd_weight), params=params)] if teacher is not None and kd_weight > 0 else []
+        terms += [Term("ce", "ce", float(ce_weight))] if ce_weight > 0 else []
+        super().__init__(LMSide(student, terms, chunk_size=chunk_size), teacher)
         self.tokenizer = tokenizer
         self.on_policy = on_policy
-        self.side = LMSide(student, kd_weight=kd_weight, ce_weight=ce_weight, divergence=divergence,
-                           temperature=temperature, beta=beta, alpha=alpha, chunk_size=chunk_size,
-                           has_teacher=teacher is not None)
-        self.module: nn.Module = self.side  # the engine replaces this with the (DDP-wrapped) side
         self.step = 0
         self.last_on_policy = False
-        self.built = False
         self._check_live_vocab()
 
     # -- wiring ------------------------------------------------------------------------------------------------
@@ -265,15 +226,8 @@ class LMDistiller:
         self._use_rows(teacher_rows)
 
     @property
-    def student(self) -> nn.Module:
-        return self.side.student
-
-    @property
-    def terms(self) -> tuple[str, ...]:
-        return self.side.term_names
-
-    def teacher_values(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        return self.teacher(batch) if self.teacher is not None else {}
+    def terms(self) -> list[Term]:
+        return self.side.terms
 
     def set_step(self, step: int) -> None:
         self.step = step
@@ -331,7 +285,3 @@ class LMDistiller:
         self.last_on_policy = on_policy
         out, terms = self.module(lm_inputs(batch), values, batch["y"])
         return DistillOutput(out, terms)
-
-    def export_student(self) -> nn.Module:
-        """The plain student (a Hugging Face causal LM)."""
-        return self.side.student

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from kdistill.errors import WiringError
-from kdistill.llm.token_loss import IGNORE_INDEX
+from kdistill.losses.lm import IGNORE_INDEX
 
 __all__ = ["OnPolicy", "sample_continuations"]
 

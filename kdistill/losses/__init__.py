@@ -11,12 +11,13 @@ version, gating, adapters, stateful module); ``get_loss(name)`` gives its `LossS
 
 from __future__ import annotations
 
-from typing import Callable
 
 from kdistill.losses.contrastive import CRDLoss, simcse
 from kdistill.losses.encoder import (
     attention_kl,
     attention_mse,
+    embedding_cosine,
+    embedding_mse,
     hidden_cosine,
     hidden_mse,
     self_relation,
@@ -52,13 +53,30 @@ register(LossSpec("correlation_congruence", "relation", correlation_congruence, 
          "cc")
 register(LossSpec("crd", "contrastive", module=CRDLoss, summary="contrastive representation distillation"))
 # -- encoders: token-level tensors with mask= (also usable on tapped tensors of any model) --------------------
-register(LossSpec("hidden_mse", "feature", hidden_mse, same_shape=True, summary="masked hidden-state MSE"))
-register(LossSpec("hidden_cosine", "feature", hidden_cosine, same_shape=True, summary="masked hidden cosine"))
-register(LossSpec("attention_kl", "feature", attention_kl, summary="attention-distribution KL (MiniLM)"))
-register(LossSpec("attention_mse", "feature", attention_mse, summary="attention-probability MSE (TinyBERT)"))
+# ``feature`` / ``min_layer`` / ``default_layers`` tell the encoder distiller (kdistill.encoders) which per-layer
+# feature a term reads and how it pairs layers; the tap losses among them keep their kind ``feature``.
+register(LossSpec("hidden_mse", "feature", hidden_mse, same_shape=True, feature="hidden", default_layers="uniform",
+                  summary="masked hidden-state MSE"))
+register(LossSpec("hidden_cosine", "feature", hidden_cosine, same_shape=True, feature="hidden",
+                  default_layers="uniform", summary="masked hidden cosine"))
+register(LossSpec("attention_kl", "feature", attention_kl, feature="attention", min_layer=1, default_layers="last-1",
+                  summary="attention-distribution KL (MiniLM)"))
+register(LossSpec("attention_mse", "feature", attention_mse, feature="attention", min_layer=1,
+                  default_layers="uniform", summary="attention-probability MSE (TinyBERT)"))
 register(LossSpec("self_relation", "feature", self_relation, summary="self-relation KL (MiniLMv2)"))
+register(LossSpec("embedding_layer", "layer", hidden_mse, same_shape=True, feature="hidden", default_layers=[[0, 0]],
+                  summary="embedding-layer output MSE (TinyBERT)"))
+for _feature in ("value", "query", "key"):
+    register(LossSpec(f"{_feature}_relation", "layer", self_relation, feature=_feature, min_layer=1,
+                      default_layers="last-1", summary=f"{_feature}-{_feature} self-relation KL (MiniLM, MiniLMv2)"))
+del _feature
+register(LossSpec("embedding_cosine", "embedding", embedding_cosine, same_shape=True,
+                  summary="per-sentence embedding cosine distance"))
+register(LossSpec("embedding_mse", "embedding", embedding_mse, same_shape=True, summary="sentence-embedding MSE"))
 register(LossSpec("similarity_matrix", "embedding", similarity_matrix, summary="batch cosine-similarity matrix"))
 register(LossSpec("simcse", "contrastive", simcse, needs_teacher=False, summary="SimCSE on two dropout views"))
+register(LossSpec("mlm", "label", ce, needs_labels=True, needs_teacher=False,
+                  summary="masked-LM cross-entropy on the masked positions (kdistill.encoders.MaskedLM)"))
 
 # LM token-level distillation uses the response losses above on (B, T, V) logits, chunk by chunk from hidden
 # states (kdistill.losses.lm); its divergence names (forward_kl, reverse_kl, ...) are response losses with params.
@@ -77,6 +95,8 @@ __all__ = [
     "attention_kl",
     "attention_mse",
     "attention_transfer",
+    "embedding_cosine",
+    "embedding_mse",
     "hidden_cosine",
     "hidden_mse",
     "self_relation",

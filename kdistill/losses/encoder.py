@@ -24,11 +24,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdistill.errors import WiringError
+from kdistill.losses.feature import hint
 
 __all__ = [
     "attention_kl",
     "attention_mse",
     "attention_probabilities",
+    "embedding_cosine",
+    "embedding_mse",
     "hidden_cosine",
     "hidden_mse",
     "self_relation",
@@ -339,3 +342,31 @@ def similarity_matrix(student_embeddings: Tensor, teacher_embeddings: Tensor) ->
     diff = (s @ s.T - t @ t.T).pow(2)
     off_diagonal = ~torch.eye(b, dtype=torch.bool, device=diff.device)
     return diff[off_diagonal].mean()
+
+
+def embedding_cosine(student_embeddings: Tensor, teacher_embeddings: Tensor) -> Tensor:
+    """Per-sentence cosine distance between student and teacher sentence embeddings::
+
+        L_cos = 1/B sum_i (1 - cos(s_i, t_i))
+
+    Args:
+        student_embeddings: ``(B, D)`` (project the student to the teacher's width first).
+        teacher_embeddings: ``(B, D)``.
+    """
+    _check("embedding_cosine", "student_embeddings", student_embeddings, 2, "(B, D)")
+    _check("embedding_cosine", "teacher_embeddings", teacher_embeddings, 2, "(B, D)")
+    return hint(student_embeddings, teacher_embeddings, kind="cosine")
+
+
+def embedding_mse(student_embeddings: Tensor, teacher_embeddings: Tensor) -> Tensor:
+    """Mean squared error between student and teacher sentence embeddings::
+
+        L_mse = 1/(B D) sum_{i, d} (s_id - t_id)^2
+
+    Args:
+        student_embeddings: ``(B, D)`` (project the student to the teacher's width first).
+        teacher_embeddings: ``(B, D)``.
+    """
+    _check("embedding_mse", "student_embeddings", student_embeddings, 2, "(B, D)")
+    _check("embedding_mse", "teacher_embeddings", teacher_embeddings, 2, "(B, D)")
+    return hint(student_embeddings, teacher_embeddings, kind="mse")

@@ -1,7 +1,8 @@
 """Training schemes: who teaches whom, and when. Each is a plan of rounds handed to the one `Engine`.
 
 ``run(cfg, run_dir)`` runs the scheme named by ``cfg.scheme.name`` (default ``offline``); see docs/schemes.md.
-Modules are imported on use, so importing `kdistill.schemes` stays cheap.
+Each scheme module holds its config section (``MutualScheme``, ...) next to its code; `kdistill.config` gathers
+them into `RunConfig`. Modules are imported on use, so importing `kdistill.schemes` stays cheap.
 """
 
 from __future__ import annotations
@@ -42,15 +43,4 @@ def run(cfg, run_dir: Optional[Path] = None, *, progress: bool = True, log=print
                                           trust_checkpoint=trust_checkpoint)
 
 
-def summary_table(cfg, summary: dict) -> str:
-    """The table printed after a run: the offline comparison, or every model a scheme evaluated."""
-    if cfg.scheme.name == "offline":
-        from kdistill.report import comparison_table
-
-        return comparison_table(summary)
-    from kdistill.schemes.common import summary_table as table
-
-    return table(summary)
-
-
-__all__ = ["SCHEMES", "run", "scheme_runner", "summary_table"]
+__all__ = ["SCHEMES", "run", "scheme_runner"]

@@ -12,27 +12,34 @@ from __future__ import annotations
 import inspect
 import math
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Optional, Sequence
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from kdistill.config import ModelConfig, RunConfig, TrainConfig
+from kdistill.configbase import Strict
 from kdistill.distiller import Term
 from kdistill.errors import ConfigError
 from kdistill.evaluate import predict_logits
 from kdistill.models import build_model, resolve_factory
-from kdistill.schemes.common import (
-    config_terms,
-    distill,
-    evaluate,
-    finish,
-    freeze,
-    model_from,
-    prepare,
-    teacher_from,
-    train_ce,
-)
+from kdistill.schemes.common import SchemeJob, distill, freeze
+from kdistill.schemes.sections import ModelConfig
+from kdistill.train_config import TrainConfig
+
+if TYPE_CHECKING:
+    from kdistill.config import RunConfig
+
+
+class AssistantScheme(Strict):
+    """Teacher-assistant chain (Mirzadeh et al. 2020): teacher -> assistant(s) -> student."""
+
+    name: Literal["assistant"]
+    assistants: Optional[list[ModelConfig]] = Field(None, description="explicit assistants, largest first")
+    num_assistants: int = Field(1, ge=1, description="without `assistants`: this many, spaced geometrically in "
+                                                     "parameter count between teacher and student")
+    direct: bool = Field(True, description="also distil the student directly from the teacher")
+
 
 WIDTH_KEYS = ("hidden", "channels", "width")
 
@@ -120,39 +127,32 @@ def train_chain(teacher: nn.Module, chain: Sequence[nn.Module], data, train_cfg:
     return trained
 
 
-def run(cfg: RunConfig, run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
+def run(cfg: "RunConfig", run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
         trust_checkpoint: bool = False) -> dict:
     s = cfg.scheme
-    bundle, run_dir = prepare(cfg, run_dir)
-    terms, taps = config_terms(cfg)
-    teacher = teacher_from(cfg.teacher, bundle, cfg.train, seed=cfg.seed, stage="teacher", where="teacher",
-                           run_dir=run_dir, progress=progress, log=log, trust_checkpoint=trust_checkpoint)
+    job = SchemeJob.start(cfg, run_dir, progress=progress, log=log, trust_checkpoint=trust_checkpoint)
+    terms, taps = job.terms()
+    teacher = job.teacher()
     if s.assistants:
         assistant_cfgs = list(s.assistants)
     else:
         teacher_params = sum(p.numel() for p in teacher.parameters())
-        assistant_cfgs = geometric_assistants(cfg.student, teacher_params, bundle.input_shape, bundle.num_classes,
-                                              s.num_assistants)
+        assistant_cfgs = geometric_assistants(cfg.student, teacher_params, job.bundle.input_shape,
+                                              job.bundle.num_classes, s.num_assistants)
     for j, a in enumerate(assistant_cfgs):
         log(f"[assistant] assistant{j + 1}: {a.name} {a.kwargs}")
-    chain = [model_from(a, bundle, cfg.seed + 404 + j, f"scheme.assistants[{j}]") for j, a in enumerate(assistant_cfgs)]
-    chain.append(model_from(cfg.student, bundle, cfg.seed + 202, "student"))
-    trained = train_chain(teacher, chain, bundle.distill_set(), cfg.train, terms=terms, taps=taps, seed=cfg.seed + 3,
-                          run_dir=run_dir, progress=progress, log=log)
-    teacher_logits = predict_logits(teacher, bundle.test)
-    models = {"teacher": evaluate(teacher, bundle.test, cfg.eval)}
+    chain = [job.model(a, cfg.seed + 404 + j, f"scheme.assistants[{j}]") for j, a in enumerate(assistant_cfgs)]
+    chain.append(job.student())
+    trained = train_chain(teacher, chain, job.bundle.distill_set(), cfg.train, terms=terms, taps=taps,
+                          seed=cfg.seed + 3, **job.stage_options)
+    teacher_logits = predict_logits(teacher, job.bundle.test)
+    models = {"teacher": job.evaluate(teacher)}
     for j, model in enumerate(trained[:-1]):
-        models[f"assistant{j + 1}"] = evaluate(model, bundle.test, cfg.eval, reference_logits=teacher_logits)
+        models[f"assistant{j + 1}"] = job.evaluate(model, reference_logits=teacher_logits)
     if cfg.baseline:
-        base = train_ce("baseline", model_from(cfg.student, bundle, cfg.seed + 202, "student"), bundle.train,
-                        cfg.train, seed=cfg.seed + 2, run_dir=run_dir, progress=progress, log=log)
-        models["student, no teacher"] = evaluate(base, bundle.test, cfg.eval, reference_logits=teacher_logits)
+        models["student, no teacher"] = job.evaluate(job.baseline(), reference_logits=teacher_logits)
     if s.direct:
-        direct = distill("direct", model_from(cfg.student, bundle, cfg.seed + 202, "student"), teacher,
-                         bundle.distill_set(), cfg.train, seed=cfg.seed + 3 + len(chain) - 1, terms=terms, taps=taps,
-                         run_dir=run_dir, progress=progress, log=log)
-        models["student, KD from teacher"] = evaluate(direct, bundle.test, cfg.eval, reference_logits=teacher_logits)
-    models["student, KD via assistants"] = evaluate(trained[-1], bundle.test, cfg.eval,
-                                                    reference_logits=teacher_logits)
-    return finish({"scheme": "assistant", "dataset": bundle.name,
-                   "assistants": [a.model_dump(mode="json") for a in assistant_cfgs], "models": models}, run_dir)
+        direct = job.distill("direct", job.student(), teacher, seed=cfg.seed + 3 + len(chain) - 1)
+        models["student, KD from teacher"] = job.evaluate(direct, reference_logits=teacher_logits)
+    models["student, KD via assistants"] = job.evaluate(trained[-1], reference_logits=teacher_logits)
+    return job.finish(models, assistants=[a.model_dump(mode="json") for a in assistant_cfgs])

@@ -1,114 +1,68 @@
-"""What every scheme shares: the round objective contract, one round on the engine, building and evaluating.
+"""What every scheme shares: the job (config, data, run directory), its stages, teachers, evaluation and summary.
 
-A scheme is a plan of rounds. Each round hands a *round objective* to `Engine.fit`; the engine needs only:
+A scheme is a plan of stages. Each stage hands an objective (`kdistill.objective.Objective`: a `Distiller`, or
+an `Objective` (`kdistill.objective.SideObjective`) over a custom side: mutual peers, exits, snapshots, task
+heads, gated terms) to `kdistill.tasks.job.run_stage`: one resumable `Engine.fit` that saves
+``<stage>.safetensors`` and is loaded instead of trained on a re-run once that file exists.
 
-* ``.side``: the trainable `nn.Module`, called as ``side(*args) -> (output, {term: weighted loss})`` (wrapped
-  in DDP, optimized, checkpointed); it has a ``.student`` (what ``eval_fn`` sees), a ``.step`` and
-  ``.run_student(inputs)`` (used by the wiring check to tell which side fails);
-* ``.student``: the model the wiring check places and checks (``side.student``);
-* ``.teacher``: a callable ``batch -> {"logits": ..., tap: ...}`` or None (moved with ``.to(device)`` if it can);
-* ``.build(batch)`` (dry run: lazy modules, checks), ``.set_step(step)``, ``__call__(batch)`` ->
-  `DistillOutput`, ``.export_student()``, and a writable ``.module`` (the engine puts the wrapped side there).
-
-`kdistill.distiller.Distiller` is one such objective; `Objective` below is the base for schemes whose step
-computes something else (mutual peers, exits, snapshots, task heads, gated terms).
+`SchemeJob` is what a scheme's ``run(cfg, run_dir)`` works with: `SchemeJob.start` claims the run directory
+(`kdistill.tasks.job.RunDir`) and loads the data; its methods build models with fixed init seeds, run stages,
+give the configured teacher (loaded, or trained as a stage), evaluate, and write the summary atomically. The
+functions below it (`train_ce`, `distill`, ...) are the same steps over plain models and data, for Python use.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
-from kdistill.config import RunConfig, TrainConfig
 from kdistill.data import ArrayDataset, DataBundle, check_labels, load_data
 from kdistill.distiller import Distiller, Term, split_taps, terms_from_config
-from kdistill.objective import SchemeSide, SideObjective as Objective  # noqa: F401  (the schemes' base)
-from kdistill.outputs import call_model, logits_of
-from kdistill.teachers.live import freeze
-from kdistill.engine import Engine
-from kdistill.engine.checkpoint import atomic_write_bytes, load_weights, save_weights
 from kdistill.evaluate import accuracy, agreement, cost_report, expected_calibration_error, predict_logits
 from kdistill.models import build_model
 from kdistill.models.loading import load_into, load_state_dict_file
-from kdistill.schemes.offline import prepare_run_dir
+from kdistill.objective import SchemeSide, SideObjective as Objective  # noqa: F401  (the schemes' base)
+from kdistill.outputs import call_model, logits_of
 from kdistill.seeding import seeded_build
+from kdistill.tasks import dump_config, load_resolved
+from kdistill.tasks.job import RunDir, run_stage
+from kdistill.teachers.live import freeze
+from kdistill.train_config import TrainConfig
+
+if TYPE_CHECKING:
+    from kdistill.config import RunConfig
+
+# init seeds of the configured models: cfg.seed + offset (a teacher stage trains with seed + 1, a baseline + 2)
+TEACHER_SEED, STUDENT_SEED = 101, 202
 
 
-def first_batch(data, batch_size: int) -> dict:
-    return data.batch(torch.arange(min(len(data), batch_size)))
+# -- stages over plain models and data -----------------------------------------------------------------------------
+def train_ce(name: str, model: nn.Module, data, train_cfg: TrainConfig, *, seed: int, run_dir=None,
+             progress: bool = False, log=print, eval_fn: Optional[Callable] = None) -> nn.Module:
+    """A stage on the labels alone (a teacher from scratch, a baseline, generation 0)."""
+    return run_stage(name, Distiller(model, None, [Term("ce", "ce")]), data, train_cfg, seed=seed, run_dir=run_dir,
+                     eval_fn=eval_fn, progress=progress, log=log)[0]
 
 
-def fit_round(name: str, objective, data, train_cfg: TrainConfig, *, seed: int, run_dir: Optional[Path] = None,
-              progress: bool = False, log: Callable[[str], None] = print) -> nn.Module:
-    """One round = one `Engine.fit` of `objective` on `data`; returns the exported student.
+def default_terms() -> list[Term]:
+    """The config's default objective (Hinton KD): (1 - alpha) CE + alpha T^2 KL at alpha 0.9, T 4."""
+    from kdistill.config import DistillConfig
 
-    With a `run_dir` the round is resumable (checkpoints under ``checkpoints/<name>/``) and saves
-    ``<name>.safetensors`` (the exported student) plus ``<name>.side.safetensors`` when the side holds more
-    (exit heads, snapshots); a round whose weights file exists is done and is loaded instead of trained.
-    """
-    weights = Path(run_dir) / f"{name}.safetensors" if run_dir else None
-    side_file = Path(run_dir) / f"{name}.side.safetensors" if run_dir else None
-    if weights is not None and weights.is_file():
-        if side_file.is_file():
-            objective.build(first_batch(data, train_cfg.batch_size))
-            objective.side.load_state_dict(load_weights(side_file))
-        else:
-            objective.export_student().load_state_dict(load_weights(weights))
-        log(f"[{name}] done earlier: loaded {weights}")
-        return objective.export_student()
-    engine = Engine(train_cfg, run_dir, stage=name, seed=seed, progress=progress, log=log)
-    result = engine.fit(objective, data)
-    student = objective.export_student()
-    if weights is not None and engine.accelerator.is_main_process:
-        student_state = student.state_dict()
-        side_state = objective.side.state_dict()
-        if len(side_state) > len(student_state):
-            save_weights(side_file, side_state, {"stage": name, "steps": result["steps"]})
-        save_weights(weights, student_state, {"stage": name, "steps": result["steps"]})
-    return student
-
-
-def train_ce(name: str, model: nn.Module, data, train_cfg: TrainConfig, *, seed: int,
-             run_dir: Optional[Path] = None, progress: bool = False, log=print) -> nn.Module:
-    """A round on the labels alone (a teacher from scratch, a baseline, generation 0)."""
-    return fit_round(name, Distiller(model, None, [Term("ce", "ce")]), data, train_cfg, seed=seed, run_dir=run_dir,
-                     progress=progress, log=log)
-
-
-def hinton_terms(alpha: float = 0.9, temperature: float = 4.0) -> list[Term]:
-    """(1 - alpha) CE + alpha T^2 KL(teacher || student) at temperature T."""
-    terms = []
-    if alpha < 1:
-        terms.append(Term("ce", "ce", 1 - alpha))
-    if alpha > 0:
-        terms.append(Term("kd", "kd", alpha, params={"temperature": temperature}))
-    return terms
+    return terms_from_config(DistillConfig().resolved_terms())
 
 
 def distill(name: str, student: nn.Module, teacher, data, train_cfg: TrainConfig, *, seed: int,
-            terms: Optional[list[Term]] = None, taps: Optional[Mapping[str, str]] = None,
-            run_dir: Optional[Path] = None, progress: bool = False, log=print) -> nn.Module:
-    """A round of offline KD: `student` learns from the frozen `teacher` (a model or a teacher callable)."""
-    terms = list(terms) if terms is not None else hinton_terms()
+            terms: Optional[list[Term]] = None, taps: Optional[Mapping[str, str]] = None, run_dir=None,
+            progress: bool = False, log=print, eval_fn: Optional[Callable] = None) -> nn.Module:
+    """A stage of offline KD: `student` learns from the frozen `teacher` (a model or a teacher callable)."""
+    terms = list(terms) if terms is not None else default_terms()
     student_taps, teacher_taps = split_taps(terms, taps or {})
     objective = Distiller(student, teacher, terms, student_taps=student_taps, teacher_taps=teacher_taps)
-    return fit_round(name, objective, data, train_cfg, seed=seed, run_dir=run_dir, progress=progress, log=log)
-
-
-# -- configs -> data and models ------------------------------------------------------------------------------------
-def prepare(cfg: RunConfig, run_dir: Optional[Path]) -> tuple[DataBundle, Optional[Path]]:
-    """Write the resolved config into the run directory, load and check the data."""
-    if run_dir is not None:
-        run_dir = Path(run_dir)
-        prepare_run_dir(cfg, run_dir)
-    bundle = load_data(cfg.data)
-    check_labels(bundle.train, bundle.num_classes)
-    check_labels(bundle.test, bundle.num_classes)
-    return bundle, run_dir
+    return run_stage(name, objective, data, train_cfg, seed=seed, run_dir=run_dir, eval_fn=eval_fn,
+                     progress=progress, log=log)[0]
 
 
 def model_from(model_cfg, bundle: DataBundle, seed: int, where: str, *, input_shape: Optional[Sequence[int]] = None,
@@ -120,30 +74,27 @@ def model_from(model_cfg, bundle: DataBundle, seed: int, where: str, *, input_sh
                                                   num_classes=classes, where=where))
 
 
-def teacher_from(teacher_cfg, bundle: DataBundle, train_cfg: TrainConfig, *, seed: int, stage: str,
-                 where: str, run_dir: Optional[Path], progress: bool, log, data=None,
-                 input_shape: Optional[Sequence[int]] = None, trust_checkpoint: bool = False) -> nn.Module:
-    """A configured teacher: loaded from its weights, or trained on the labels (round `stage`); frozen.
-
-    `trust_checkpoint` allows full unpickling of a .pt/.pth weights file (arbitrary code: trusted files only)."""
-    model = model_from(teacher_cfg, bundle, seed + 101, where, input_shape=input_shape)
-    if teacher_cfg.weights:
-        state = load_state_dict_file(teacher_cfg.weights, where=f"{where}.weights", trust=trust_checkpoint)
-        load_into(model, state, where=f"{where}.weights", source=teacher_cfg.weights)
-    else:
-        teacher_train = teacher_cfg.train or train_cfg
-        if train_cfg.deterministic and not teacher_train.deterministic:  # deterministic covers the whole run
-            teacher_train = teacher_train.model_copy(update={"deterministic": True})
-        model = train_ce(stage, model, data if data is not None else bundle.train, teacher_train,
-                         seed=seed + 1, run_dir=run_dir, progress=progress, log=log)
-    return freeze(model)
+def load_configured_weights(model: nn.Module, model_cfg, where: str, *, trust: bool = False) -> nn.Module:
+    """Load `model_cfg.weights` into `model`. `trust` allows full unpickling of a .pt/.pth file (trusted only)."""
+    state = load_state_dict_file(model_cfg.weights, where=f"{where}.weights", trust=trust)
+    load_into(model, state, where=f"{where}.weights", source=model_cfg.weights)
+    return model
 
 
-def config_terms(cfg: RunConfig) -> tuple[list[Term], dict[str, str]]:
+def config_terms(cfg: "RunConfig") -> tuple[list[Term], dict[str, str]]:
+    """The configured objective of a run: (terms, taps)."""
     return terms_from_config(cfg.distill.resolved_terms()), dict(cfg.distill.taps)
 
 
-# -- evaluation and the summary ------------------------------------------------------------------------------------
+def teacher_train_config(teacher_cfg, train_cfg: TrainConfig) -> TrainConfig:
+    """`teacher.train`, or the run's `train`; ``train.deterministic`` covers the whole run."""
+    teacher_train = teacher_cfg.train or train_cfg
+    if train_cfg.deterministic and not teacher_train.deterministic:
+        teacher_train = teacher_train.model_copy(update={"deterministic": True})
+    return teacher_train
+
+
+# -- evaluation ----------------------------------------------------------------------------------------------------
 def evaluate(model: nn.Module, test: ArrayDataset, eval_cfg, *, reference_logits: Optional[torch.Tensor] = None,
              cost: bool = True) -> dict:
     """Accuracy, ECE (and agreement with a reference model), plus cost (params, bytes, FLOPs, latency)."""
@@ -163,28 +114,93 @@ def top1_accuracy(model: nn.Module, test: ArrayDataset) -> float:
     return accuracy(predict_logits(model, test), test.tensors["y"])
 
 
-def finish(summary: dict, run_dir: Optional[Path]) -> dict:
-    if run_dir is not None:
-        atomic_write_bytes(Path(run_dir) / "summary.json", json.dumps(summary, indent=2).encode())
-    return summary
+# -- the job of a config -------------------------------------------------------------------------------------------
+@dataclass
+class SchemeJob:
+    """One scheme run: the config, its data, the run directory (`RunDir`, possibly without a path) and logging."""
 
+    cfg: "RunConfig"
+    bundle: DataBundle
+    run_dir: RunDir
+    progress: bool = True
+    log: Callable[[str], None] = print
+    trust_checkpoint: bool = False
 
-def summary_table(summary: dict) -> str:
-    """A plain-text table of every evaluated model of a scheme's summary."""
-    rows = [("model", "top-1 %", "agree %", "ECE", "params")]
-    for label, m in summary.get("models", {}).items():
-        agree = f"{100 * m['agreement']:.1f}" if "agreement" in m else "-"
-        ece = f"{m['ece']:.3f}" if "ece" in m else "-"
-        params = f"{m['params']:,}" if "params" in m else "-"
-        rows.append((label, f"{100 * m['accuracy']:.1f}", agree, ece, params))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for j, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-        if j == 0:
-            lines.append("-" * len(lines[0]))
-    lines.append(f"(scheme: {summary.get('scheme', '?')}, dataset: {summary.get('dataset', '?')})")
-    return "\n".join(lines)
+    @classmethod
+    def start(cls, cfg: "RunConfig", run_dir=None, *, progress: bool = True, log=print,
+              trust_checkpoint: bool = False) -> "SchemeJob":
+        """Claim the run directory (writes the resolved config.yaml; refuses another run's), load and check data."""
+        folder = RunDir(run_dir, cfg, dump=dump_config, load=load_resolved)
+        folder.claim()
+        bundle = load_data(cfg.data)
+        check_labels(bundle.train, bundle.num_classes)
+        check_labels(bundle.test, bundle.num_classes)
+        return cls(cfg, bundle, folder, progress, log, trust_checkpoint)
+
+    @property
+    def stage_options(self) -> dict:
+        """The keyword arguments every stage function takes: where to save, whether to show progress, the log."""
+        return {"run_dir": self.run_dir, "progress": self.progress, "log": self.log}
+
+    def model(self, model_cfg, seed: int, where: str, **shape) -> nn.Module:
+        return model_from(model_cfg, self.bundle, seed, where, **shape)
+
+    def student(self, seed_offset: int = 0, **shape) -> nn.Module:
+        """A fresh configured student (init seed cfg.seed + 202 + `seed_offset`)."""
+        return self.model(self.cfg.student, self.cfg.seed + STUDENT_SEED + seed_offset, "student", **shape)
+
+    def terms(self) -> tuple[list[Term], dict[str, str]]:
+        return config_terms(self.cfg)
+
+    def accuracy_eval(self, train_cfg: TrainConfig) -> Optional[Callable[[nn.Module], dict]]:
+        """Test accuracy during training when ``eval_every`` asks for it (else None)."""
+        if not train_cfg.eval_every:
+            return None
+        return lambda model: {"accuracy": top1_accuracy(model, self.bundle.test)}
+
+    def stage(self, name: str, objective, data, *, seed: int, train_cfg: Optional[TrainConfig] = None,
+              side_weights: bool = False, eval_fn: Optional[Callable] = None) -> nn.Module:
+        """One stage of this job (`run_stage`); returns the exported student."""
+        return run_stage(name, objective, data, train_cfg or self.cfg.train, seed=seed, eval_fn=eval_fn,
+                         side_weights=side_weights, **self.stage_options)[0]
+
+    def distill(self, name: str, student: nn.Module, teacher, data=None, *, seed: int,
+                eval_fn: Optional[Callable] = None) -> nn.Module:
+        """A KD stage with the configured objective (default data: labelled plus transfer set)."""
+        terms, taps = self.terms()
+        data = data if data is not None else self.bundle.distill_set()
+        return distill(name, student, teacher, data, self.cfg.train, seed=seed, terms=terms, taps=taps,
+                       eval_fn=eval_fn, **self.stage_options)
+
+    def baseline(self, data=None, *, eval_fn: Optional[Callable] = None, **shape) -> nn.Module:
+        """The student on the labels alone, same budget (stage ``baseline``)."""
+        data = data if data is not None else self.bundle.train
+        return train_ce("baseline", self.student(**shape), data, self.cfg.train, seed=self.cfg.seed + 2,
+                        eval_fn=eval_fn, **self.stage_options)
+
+    def teacher(self, teacher_cfg=None, *, seed: Optional[int] = None, stage: str = "teacher",
+                where: str = "teacher", data=None, model: Optional[nn.Module] = None,
+                eval_fn: Optional[Callable] = None, **shape) -> nn.Module:
+        """A configured teacher, frozen: `model` (default: built from `teacher_cfg` at init seed + 101) with its
+        weights loaded, or trained on the labels of `data` (default: the training set) as stage `stage`."""
+        teacher_cfg = teacher_cfg if teacher_cfg is not None else self.cfg.teacher
+        seed = self.cfg.seed if seed is None else seed
+        model = model if model is not None else self.model(teacher_cfg, seed + TEACHER_SEED, where, **shape)
+        if teacher_cfg.weights:
+            return freeze(load_configured_weights(model, teacher_cfg, where, trust=self.trust_checkpoint))
+        model = train_ce(stage, model, data if data is not None else self.bundle.train,
+                         teacher_train_config(teacher_cfg, self.cfg.train), seed=seed + 1, eval_fn=eval_fn,
+                         **self.stage_options)
+        return freeze(model)
+
+    def evaluate(self, model: nn.Module, test: Optional[ArrayDataset] = None, **options) -> dict:
+        return evaluate(model, test if test is not None else self.bundle.test, self.cfg.eval, **options)
+
+    def finish(self, models: dict, **extra: Any) -> dict:
+        """The summary ``{scheme, dataset, **extra, models}``, written atomically to RUN_DIR/summary.json."""
+        summary = {"scheme": self.cfg.scheme.name, "dataset": self.bundle.name, **extra, "models": models}
+        self.run_dir.write_summary(summary)
+        return summary
 
 
 # -- small shared modules ------------------------------------------------------------------------------------------

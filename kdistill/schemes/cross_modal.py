@@ -17,16 +17,29 @@ student view alone).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 
-from kdistill.config import RunConfig
+from kdistill.configbase import Strict
 from kdistill.data import ArrayDataset
 from kdistill.errors import ConfigError
 from kdistill.evaluate import predict_logits
-from kdistill.schemes.common import config_terms, distill, evaluate, finish, model_from, prepare, teacher_from, train_ce
+from kdistill.schemes.common import SchemeJob
+
+if TYPE_CHECKING:
+    from kdistill.config import RunConfig
+
+
+class CrossModalScheme(Strict):
+    """Teacher and student read different views of the same sample: 'identity', 'downsample:F',
+    'noise:STD', or a chain like 'downsample:2+noise:0.5'."""
+
+    name: Literal["cross_modal"]
+    teacher_view: str = "identity"
+    student_view: str = "downsample:2"
+
 
 View = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -94,35 +107,27 @@ def single_view(paired: ArrayDataset, key: str) -> ArrayDataset:
     return ArrayDataset(rows, f"{paired.name}-{key}")
 
 
-def run(cfg: RunConfig, run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
+def run(cfg: "RunConfig", run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
         trust_checkpoint: bool = False) -> dict:
     s = cfg.scheme
-    bundle, run_dir = prepare(cfg, run_dir)
-    terms, taps = config_terms(cfg)
-    train = paired_views(bundle.distill_set(), s.teacher_view, s.student_view, seed=cfg.seed + 11)
-    labelled = paired_views(bundle.train, s.teacher_view, s.student_view, seed=cfg.seed + 11)
-    test = paired_views(bundle.test, s.teacher_view, s.student_view, seed=cfg.seed + 12)
+    job = SchemeJob.start(cfg, run_dir, progress=progress, log=log, trust_checkpoint=trust_checkpoint)
+    train = paired_views(job.bundle.distill_set(), s.teacher_view, s.student_view, seed=cfg.seed + 11)
+    labelled = paired_views(job.bundle.train, s.teacher_view, s.student_view, seed=cfg.seed + 11)
+    test = paired_views(job.bundle.test, s.teacher_view, s.student_view, seed=cfg.seed + 12)
     teacher_shape = tuple(train.tensors["teacher_x"].shape[1:])
     student_shape = tuple(train.tensors["student_x"].shape[1:])
     log(f"[cross_modal] teacher view {s.teacher_view!r} {teacher_shape}, student view {s.student_view!r} "
         f"{student_shape}")
-    teacher = teacher_from(cfg.teacher, bundle, cfg.train, seed=cfg.seed, stage="teacher", where="teacher",
-                           run_dir=run_dir, progress=progress, log=log, data=single_view(labelled, "teacher_x"),
-                           input_shape=teacher_shape, trust_checkpoint=trust_checkpoint)
-    student = distill("student", model_from(cfg.student, bundle, cfg.seed + 202, "student", input_shape=student_shape),
-                      teacher, train, cfg.train, seed=cfg.seed + 3, terms=terms, taps=taps, run_dir=run_dir,
-                      progress=progress, log=log)
+    teacher = job.teacher(data=single_view(labelled, "teacher_x"), input_shape=teacher_shape)
+    student = job.distill("student", job.student(input_shape=student_shape), teacher, train, seed=cfg.seed + 3)
     teacher_test = single_view(test, "teacher_x")
     student_test = single_view(test, "student_x")
     teacher_logits = predict_logits(teacher, teacher_test)
-    models = {"teacher (teacher view)": evaluate(teacher, teacher_test, cfg.eval)}
+    models = {"teacher (teacher view)": job.evaluate(teacher, teacher_test)}
     if cfg.baseline:
-        base = model_from(cfg.student, bundle, cfg.seed + 202, "student", input_shape=student_shape)
-        base = train_ce("baseline", base, single_view(labelled, "student_x"), cfg.train, seed=cfg.seed + 2,
-                        run_dir=run_dir, progress=progress, log=log)
-        models["student, no teacher (student view)"] = evaluate(base, student_test, cfg.eval,
-                                                                reference_logits=teacher_logits)
-    models["student, KD (student view)"] = evaluate(student, student_test, cfg.eval, reference_logits=teacher_logits)
-    return finish({"scheme": "cross_modal", "dataset": bundle.name, "teacher_view": s.teacher_view,
-                   "student_view": s.student_view, "teacher_input_shape": list(teacher_shape),
-                   "student_input_shape": list(student_shape), "models": models}, run_dir)
+        base = job.baseline(single_view(labelled, "student_x"), input_shape=student_shape)
+        models["student, no teacher (student view)"] = job.evaluate(base, student_test,
+                                                                    reference_logits=teacher_logits)
+    models["student, KD (student view)"] = job.evaluate(student, student_test, reference_logits=teacher_logits)
+    return job.finish(models, teacher_view=s.teacher_view, student_view=s.student_view,
+                      teacher_input_shape=list(teacher_shape), student_input_shape=list(student_shape))

@@ -17,18 +17,45 @@ multi-head, task-aware setting of LwF: old-task accuracy is the argmax over the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Literal, Optional, Sequence
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
-from kdistill.config import RunConfig, TrainConfig
+from kdistill.configbase import Strict
 from kdistill.data import ArrayDataset
-from kdistill.outputs import call_model, logits_of
 from kdistill.errors import ConfigError, WiringError
 from kdistill.evaluate import accuracy, predict_logits
 from kdistill.losses import ce, kl
-from kdistill.schemes.common import Objective, SchemeSide, finish, fit_round, freeze, model_from, prepare
+from kdistill.outputs import call_model, logits_of
+from kdistill.schemes.common import Objective, SchemeJob, SchemeSide, freeze
+from kdistill.tasks.job import run_stage
+from kdistill.train_config import TrainConfig
+
+if TYPE_CHECKING:
+    from kdistill.config import RunConfig
+
+
+class LifelongScheme(Strict):
+    """Learning without Forgetting (Li & Hoiem 2016): learn new classes while distilling the old model's
+    outputs on the new data; compared with plain fine-tuning."""
+
+    name: Literal["lifelong"]
+    old_classes: list[int] = Field(..., min_length=1)
+    new_classes: list[int] = Field(..., min_length=1)
+    lwf_weight: float = Field(1.0, ge=0)
+    temperature: float = Field(2.0, gt=0)
+    old_train: Optional[TrainConfig] = Field(None, description="training of the old task (default: train)")
+    finetune: bool = Field(True, description="also fine-tune without distillation for comparison")
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> "LifelongScheme":
+        both = set(self.old_classes) & set(self.new_classes)
+        if both or len(set(self.old_classes)) != len(self.old_classes) or \
+                len(set(self.new_classes)) != len(self.new_classes):
+            raise ValueError(f"old_classes and new_classes must be distinct and disjoint (shared: {sorted(both)})")
+        return self
 
 
 def task_data(data: ArrayDataset, classes: Sequence[int], name: str = "") -> ArrayDataset:
@@ -89,7 +116,7 @@ def learn_task(model: nn.Module, data: ArrayDataset, task_classes: Sequence[int]
         raise WiringError("keep_classes needs the old model", fix="pass old_model=")
     side = TaskSide(model, task_classes, keep_classes if old_model is not None else (), lwf_weight, temperature)
     objective = Objective(side, freeze(old_model) if old_model is not None else None)
-    return fit_round(stage, objective, data, train_cfg, seed=seed, run_dir=run_dir, progress=progress, log=log)
+    return run_stage(stage, objective, data, train_cfg, seed=seed, run_dir=run_dir, progress=progress, log=log)[0]
 
 
 def task_accuracy(model: nn.Module, data: ArrayDataset, classes: Sequence[int]) -> float:
@@ -136,18 +163,18 @@ def lifelong(make_model, bundle, old_classes: Sequence[int], new_classes: Sequen
     return result
 
 
-def run(cfg: RunConfig, run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
+def run(cfg: "RunConfig", run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
         trust_checkpoint: bool = False) -> dict:
     s = cfg.scheme
-    bundle, run_dir = prepare(cfg, run_dir)
+    job = SchemeJob.start(cfg, run_dir, progress=progress, log=log, trust_checkpoint=trust_checkpoint)
+    classes = job.bundle.num_classes
     for c in s.old_classes + s.new_classes:
-        if not 0 <= c < bundle.num_classes:
-            raise ConfigError(f"class {c} is not one of the data's classes 0..{bundle.num_classes - 1}",
+        if not 0 <= c < classes:
+            raise ConfigError(f"class {c} is not one of the data's classes 0..{classes - 1}",
                               where="scheme.old_classes/new_classes")
-    result = lifelong(lambda: model_from(cfg.student, bundle, cfg.seed + 202, "student"), bundle, s.old_classes,
-                      s.new_classes, cfg.train, old_train=s.old_train, lwf_weight=s.lwf_weight,
-                      temperature=s.temperature, finetune=s.finetune, seed=cfg.seed + 3, run_dir=run_dir,
-                      progress=progress, log=log)
+    result = lifelong(job.student, job.bundle, s.old_classes, s.new_classes, cfg.train, old_train=s.old_train,
+                      lwf_weight=s.lwf_weight, temperature=s.temperature, finetune=s.finetune, seed=cfg.seed + 3,
+                      **job.stage_options)
     models = {"old model (before the new task)": {"accuracy": result["old"]["old_task"]}}
     tasks = {"old model": {"old_task_accuracy": result["old"]["old_task"]}}
     for name, label in (("lwf", "LwF"), ("finetune", "fine-tuning")):
@@ -156,5 +183,4 @@ def run(cfg: RunConfig, run_dir: Optional[Path] = None, *, progress: bool = True
             models[f"{label}: old task"] = {"accuracy": r["old_task"]}
             models[f"{label}: new task"] = {"accuracy": r["new_task"]}
             tasks[label] = {k: v for k, v in r.items() if k != "model"}
-    return finish({"scheme": "lifelong", "dataset": bundle.name, "old_classes": s.old_classes,
-                   "new_classes": s.new_classes, "tasks": tasks, "models": models}, run_dir)
+    return job.finish(models, old_classes=s.old_classes, new_classes=s.new_classes, tasks=tasks)

@@ -21,20 +21,48 @@ With teacher k's logits z_k, its softened prediction P_k = softmax(z_k / T) and 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Optional, Sequence, get_args
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
-from kdistill.config import RunConfig
+from kdistill.configbase import Strict
 from kdistill.distiller import Term
-from kdistill.outputs import LOGITS
-from kdistill.teachers.live import LiveTeacher
 from kdistill.errors import WiringError
 from kdistill.evaluate import predict_logits
-from kdistill.schemes.common import config_terms, distill, evaluate, finish, model_from, prepare, teacher_from, train_ce
+from kdistill.outputs import LOGITS
+from kdistill.schemes.common import SchemeJob
+from kdistill.schemes.sections import TeacherConfig
+from kdistill.teachers.live import LiveTeacher
 
-COMBINE = ("mean", "weights", "agreement")
+if TYPE_CHECKING:
+    from kdistill.config import RunConfig
+
+Combine = Literal["mean", "weights", "agreement"]
+
+
+class MultiTeacherScheme(Strict):
+    """Several teachers (any architectures) combined into one soft target."""
+
+    name: Literal["multi_teacher"]
+    teachers: list[TeacherConfig] = Field(..., min_length=2)
+    combine: Combine = "mean"
+    weights: Optional[list[float]] = Field(None, description="fixed teacher weights (combine: weights)")
+    agreement_temperature: float = Field(0.05, gt=0, description="sharpness of the agreement weighting")
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> "MultiTeacherScheme":
+        if self.combine == "weights":
+            if not self.weights or len(self.weights) != len(self.teachers) or min(self.weights) < 0 \
+                    or sum(self.weights) <= 0:
+                raise ValueError(f"combine 'weights' needs {len(self.teachers)} non-negative weights, one per teacher")
+        elif self.weights is not None:
+            raise ValueError(f"'weights' is only used with combine: weights (combine is '{self.combine}')")
+        return self
+
+
+COMBINE = get_args(Combine)
 
 
 def agreement_weights(teacher_logits: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
@@ -130,37 +158,31 @@ class _CombinedModel(nn.Module):
         return self.teacher({"x": x})[LOGITS] / self.teacher.temperature
 
 
-def run(cfg: RunConfig, run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
+def run(cfg: "RunConfig", run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
         trust_checkpoint: bool = False) -> dict:
     scheme = cfg.scheme
-    bundle, run_dir = prepare(cfg, run_dir)
-    terms, taps = config_terms(cfg)
+    job = SchemeJob.start(cfg, run_dir, progress=progress, log=log, trust_checkpoint=trust_checkpoint)
+    terms, _ = job.terms()
     if any(t.teacher != LOGITS for t in terms if t.loss != "ce"):
         raise WiringError("multi-teacher terms can read only the combined 'logits' of the teachers",
                           where="distill.terms", fix="drop teacher taps from the terms")
-    teachers = [teacher_from(tc, bundle, cfg.train, seed=cfg.seed + 1000 * (k + 1), stage=f"teacher{k}",
-                             where=f"scheme.teachers[{k}]", run_dir=run_dir, progress=progress, log=log,
-                             trust_checkpoint=trust_checkpoint)
+    teachers = [job.teacher(tc, seed=cfg.seed + 1000 * (k + 1), stage=f"teacher{k}", where=f"scheme.teachers[{k}]")
                 for k, tc in enumerate(scheme.teachers)]
-    temperature = kd_temperature(terms)
-    teacher = MultiTeacher(teachers, scheme.combine, scheme.weights, temperature, scheme.agreement_temperature)
-    student = distill("student", model_from(cfg.student, bundle, cfg.seed + 202, "student"), teacher,
-                      bundle.distill_set(), cfg.train, seed=cfg.seed + 3, terms=terms, taps=taps, run_dir=run_dir,
-                      progress=progress, log=log)
+    teacher = MultiTeacher(teachers, scheme.combine, scheme.weights, kd_temperature(terms),
+                           scheme.agreement_temperature)
+    student = job.distill("student", job.student(), teacher, seed=cfg.seed + 3)
     combined = _CombinedModel(teachers, MultiTeacher(teachers, scheme.combine, scheme.weights, 1.0,
                                                      scheme.agreement_temperature))
-    combined_logits = predict_logits(combined, bundle.test)
-    models = {f"teacher{k}": evaluate(t, bundle.test, cfg.eval) for k, t in enumerate(teachers)}
-    models[f"teachers combined ({scheme.combine})"] = evaluate(combined, bundle.test, cfg.eval, cost=False)
+    combined_logits = predict_logits(combined, job.bundle.test)
+    models = {f"teacher{k}": job.evaluate(t) for k, t in enumerate(teachers)}
+    models[f"teachers combined ({scheme.combine})"] = job.evaluate(combined, cost=False)
     if cfg.baseline:
-        base = train_ce("baseline", model_from(cfg.student, bundle, cfg.seed + 202, "student"), bundle.train,
-                        cfg.train, seed=cfg.seed + 2, run_dir=run_dir, progress=progress, log=log)
-        models["student, no teacher"] = evaluate(base, bundle.test, cfg.eval, reference_logits=combined_logits)
-    models["student"] = evaluate(student, bundle.test, cfg.eval, reference_logits=combined_logits)
-    test_batch = {"x": bundle.test.tensors["x"]}
+        models["student, no teacher"] = job.evaluate(job.baseline(), reference_logits=combined_logits)
+    models["student"] = job.evaluate(student, reference_logits=combined_logits)
+    test_batch = {"x": job.bundle.test.tensors["x"]}
     mean_weights = teacher(test_batch)["teacher_weights"].reshape(-1, len(teachers)).mean(0)
-    return finish({"scheme": "multi_teacher", "dataset": bundle.name, "combine": scheme.combine,
-                   "mean_teacher_weights_test": [float(w) for w in mean_weights], "models": models}, run_dir)
+    return job.finish(models, combine=scheme.combine,
+                      mean_teacher_weights_test=[float(w) for w in mean_weights])
 
 
-__all__ = ["MultiTeacher", "agreement_weights", "combine_teachers", "kd_temperature", "run"]
+__all__ = ["MultiTeacher", "MultiTeacherScheme", "agreement_weights", "combine_teachers", "kd_temperature", "run"]

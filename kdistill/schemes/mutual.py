@@ -15,27 +15,41 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Literal, Optional, Sequence, Union
 
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 
-from kdistill.config import RunConfig, TrainConfig
-from kdistill.outputs import call_model, logits_of
+from kdistill.configbase import Strict
 from kdistill.errors import WiringError
 from kdistill.evaluate import predict_logits
 from kdistill.losses import ce, kd
-from kdistill.schemes.common import (
-    Objective,
-    ProbabilityEnsemble,
-    SchemeSide,
-    evaluate,
-    finish,
-    fit_round,
-    model_from,
-    prepare,
-    train_ce,
-)
+from kdistill.outputs import call_model, logits_of
+from kdistill.schemes.common import Objective, ProbabilityEnsemble, SchemeJob, SchemeSide
+from kdistill.schemes.sections import ModelConfig
+from kdistill.tasks.job import run_stage
+from kdistill.train_config import TrainConfig
+
+if TYPE_CHECKING:
+    from kdistill.config import RunConfig
+
+
+class MutualScheme(Strict):
+    """Deep mutual learning (Zhang et al. 2018): peers trained together from scratch, each with CE plus
+    KL to the average of the other peers' predictions."""
+
+    name: Literal["mutual"]
+    peers: Union[list[ModelConfig], int] = Field(2, description="number of copies of `student`, or the peer models")
+    temperature: float = Field(1.0, gt=0)
+    kl_weight: float = Field(1.0, ge=0)
+
+    @field_validator("peers")
+    @classmethod
+    def _two_or_more(cls, v):
+        if (v if isinstance(v, int) else len(v)) < 2:
+            raise ValueError("mutual learning needs at least 2 peers")
+        return v
 
 
 def mutual_targets(peer_logits: Sequence[torch.Tensor], temperature: float = 1.0) -> list[torch.Tensor]:
@@ -102,26 +116,23 @@ def train_mutual(peers: Sequence[nn.Module], data, train_cfg: TrainConfig, *, te
                  progress: bool = False, log=print) -> ProbabilityEnsemble:
     """Train `peers` together by deep mutual learning; returns their ensemble (``.members`` are the peers)."""
     objective = MutualObjective(peers, temperature, kl_weight)
-    return fit_round(stage, objective, data, train_cfg, seed=seed, run_dir=run_dir, progress=progress, log=log)
+    return run_stage(stage, objective, data, train_cfg, seed=seed, run_dir=run_dir, progress=progress, log=log,
+                     side_weights=True)[0]
 
 
-def run(cfg: RunConfig, run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
+def run(cfg: "RunConfig", run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
         trust_checkpoint: bool = False) -> dict:
     scheme = cfg.scheme
-    bundle, run_dir = prepare(cfg, run_dir)
+    job = SchemeJob.start(cfg, run_dir, progress=progress, log=log, trust_checkpoint=trust_checkpoint)
     peer_cfgs = [cfg.student] * scheme.peers if isinstance(scheme.peers, int) else list(scheme.peers)
-    peers = [model_from(pc, bundle, cfg.seed + 202 + 17 * k, f"scheme.peers[{k}]") for k, pc in enumerate(peer_cfgs)]
-    ensemble = train_mutual(peers, bundle.train, cfg.train, temperature=scheme.temperature,
-                            kl_weight=scheme.kl_weight, seed=cfg.seed + 3, run_dir=run_dir, progress=progress,
-                            log=log)
+    peers = [job.model(pc, cfg.seed + 202 + 17 * k, f"scheme.peers[{k}]") for k, pc in enumerate(peer_cfgs)]
+    ensemble = train_mutual(peers, job.bundle.train, cfg.train, temperature=scheme.temperature,
+                            kl_weight=scheme.kl_weight, seed=cfg.seed + 3, **job.stage_options)
     models = {}
     if cfg.baseline:
-        base = model_from(cfg.student, bundle, cfg.seed + 202, "student")
-        base = train_ce("baseline", base, bundle.train, cfg.train, seed=cfg.seed + 2, run_dir=run_dir,
-                        progress=progress, log=log)
-        models["baseline (scratch)"] = evaluate(base, bundle.test, cfg.eval)
-    ensemble_logits = predict_logits(ensemble, bundle.test)
+        models["baseline (scratch)"] = job.evaluate(job.baseline())
+    ensemble_logits = predict_logits(ensemble, job.bundle.test)
     for k, peer in enumerate(ensemble.members):
-        models[f"peer{k}"] = evaluate(peer, bundle.test, cfg.eval, reference_logits=ensemble_logits)
-    models["peer ensemble"] = evaluate(ensemble, bundle.test, cfg.eval)
-    return finish({"scheme": "mutual", "dataset": bundle.name, "models": models}, run_dir)
+        models[f"peer{k}"] = job.evaluate(peer, reference_logits=ensemble_logits)
+    models["peer ensemble"] = job.evaluate(ensemble)
+    return job.finish(models)

@@ -20,28 +20,38 @@ on taps are never gated.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Optional, Sequence, get_args
 
 import torch
+from pydantic import Field
 
 from kdistill import losses
-from kdistill.config import RunConfig
+from kdistill.configbase import Strict
 from kdistill.distiller import Distiller, StudentSide, Term, split_taps
-from kdistill.losses import get_loss, loss_names
-from kdistill.outputs import LOGITS
 from kdistill.errors import WiringError
 from kdistill.evaluate import predict_logits
-from kdistill.schemes.common import (
-    config_terms,
-    evaluate,
-    finish,
-    fit_round,
-    model_from,
-    prepare,
-    teacher_from,
-    train_ce,
-)
+from kdistill.losses import get_loss, loss_names
+from kdistill.outputs import LOGITS
+from kdistill.schemes.common import SchemeJob
 
+if TYPE_CHECKING:
+    from kdistill.config import RunConfig
+
+Divergence = Literal["kl", "top1"]
+DIVERGENCES = get_args(Divergence)
+
+
+class SelectiveScheme(Strict):
+    """Selective teacher intervention: the teacher's terms count only at positions (samples, or tokens of
+    3-D logits) where student and teacher diverge by more than a threshold."""
+
+    name: Literal["selective"]
+    divergence: Divergence = "kl"
+    threshold: float = Field(0.1, ge=0)
+    threshold_end: Optional[float] = Field(None, ge=0, description="final threshold (schedule: linear)")
+    schedule: Literal["constant", "linear"] = "constant"
+    granularity: Literal["token", "sample"] = "token"
+    terms: Optional[list[str]] = Field(None, description="gated terms (default: every logit term of the teacher)")
 
 
 def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "kl") -> torch.Tensor:
@@ -51,7 +61,7 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind:
         return losses.kl(s, t, reduction="none")
     if kind == "top1":
         return (s.argmax(-1) != t.argmax(-1)).float()
-    raise WiringError(f"unknown divergence '{kind}'", fix="use 'kl' or 'top1'")
+    raise WiringError(f"unknown divergence '{kind}'", fix=f"use one of {', '.join(DIVERGENCES)}")
 
 
 def threshold_at(step: int, total_steps: int, start: float, end: Optional[float] = None,
@@ -130,9 +140,8 @@ class SelectiveDistiller(Distiller):
         if not gated:
             raise WiringError("selective intervention has no teacher term to gate", where="distill.terms",
                               fix=f"add a logit term ({gateable})")
-        divergence_check = {"kl", "top1"}
-        if divergence not in divergence_check:
-            raise WiringError(f"unknown divergence '{divergence}'", fix="use 'kl' or 'top1'")
+        if divergence not in DIVERGENCES:
+            raise WiringError(f"unknown divergence '{divergence}'", fix=f"use one of {', '.join(DIVERGENCES)}")
         base = self.side
         self.side = SelectiveSide(base.student, base.terms, base.student_tap_specs, gated=gated, kind=divergence,
                                   threshold=threshold, threshold_end=threshold_end, schedule=schedule,
@@ -140,25 +149,21 @@ class SelectiveDistiller(Distiller):
         self.module = self.side
 
 
-def run(cfg: RunConfig, run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
+def run(cfg: "RunConfig", run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
         trust_checkpoint: bool = False) -> dict:
     s = cfg.scheme
-    bundle, run_dir = prepare(cfg, run_dir)
-    terms, taps = config_terms(cfg)
-    teacher = teacher_from(cfg.teacher, bundle, cfg.train, seed=cfg.seed, stage="teacher", where="teacher",
-                           run_dir=run_dir, progress=progress, log=log, trust_checkpoint=trust_checkpoint)
+    job = SchemeJob.start(cfg, run_dir, progress=progress, log=log, trust_checkpoint=trust_checkpoint)
+    terms, taps = job.terms()
+    teacher = job.teacher()
     student_taps, teacher_taps = split_taps(terms, taps)
-    objective = SelectiveDistiller(model_from(cfg.student, bundle, cfg.seed + 202, "student"), teacher, terms,
-                                   gated=s.terms, divergence=s.divergence, threshold=s.threshold,
-                                   threshold_end=s.threshold_end, schedule=s.schedule, granularity=s.granularity,
-                                   total_steps=cfg.train.steps, student_taps=student_taps, teacher_taps=teacher_taps)
-    student = fit_round("student", objective, bundle.distill_set(), cfg.train, seed=cfg.seed + 3, run_dir=run_dir,
-                        progress=progress, log=log)
-    teacher_logits = predict_logits(teacher, bundle.test)
-    models = {"teacher": evaluate(teacher, bundle.test, cfg.eval)}
+    objective = SelectiveDistiller(job.student(), teacher, terms, gated=s.terms, divergence=s.divergence,
+                                   threshold=s.threshold, threshold_end=s.threshold_end, schedule=s.schedule,
+                                   granularity=s.granularity, total_steps=cfg.train.steps, student_taps=student_taps,
+                                   teacher_taps=teacher_taps)
+    student = job.stage("student", objective, job.bundle.distill_set(), seed=cfg.seed + 3)
+    teacher_logits = predict_logits(teacher, job.bundle.test)
+    models = {"teacher": job.evaluate(teacher)}
     if cfg.baseline:
-        base = train_ce("baseline", model_from(cfg.student, bundle, cfg.seed + 202, "student"), bundle.train,
-                        cfg.train, seed=cfg.seed + 2, run_dir=run_dir, progress=progress, log=log)
-        models["student, no teacher"] = evaluate(base, bundle.test, cfg.eval, reference_logits=teacher_logits)
-    models["student, selective KD"] = evaluate(student, bundle.test, cfg.eval, reference_logits=teacher_logits)
-    return finish({"scheme": "selective", "dataset": bundle.name, "models": models}, run_dir)
+        models["student, no teacher"] = job.evaluate(job.baseline(), reference_logits=teacher_logits)
+    models["student, selective KD"] = job.evaluate(student, reference_logits=teacher_logits)
+    return job.finish(models)

@@ -18,31 +18,59 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, Mapping, Optional, Sequence
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from kdistill.config import RunConfig, TrainConfig
-from kdistill.distiller import Term, call_model, logits_of
+from kdistill.configbase import Strict
+from kdistill.distiller import Term
 from kdistill.errors import WiringError
 from kdistill.evaluate import predict_logits
 from kdistill.losses import ce, kd
-from kdistill.schemes.common import (
-    Objective,
-    ProbabilityEnsemble,
-    SchemeSide,
-    config_terms,
-    distill,
-    evaluate,
-    finish,
-    fit_round,
-    freeze,
-    model_from,
-    prepare,
-    train_ce,
-)
+from kdistill.outputs import call_model, logits_of
+from kdistill.schemes.common import Objective, ProbabilityEnsemble, SchemeJob, SchemeSide, distill, freeze, train_ce
 from kdistill.taps import Taps
+from kdistill.tasks.job import run_stage
+from kdistill.train_config import TrainConfig
+
+if TYPE_CHECKING:
+    from kdistill.config import RunConfig
+
+
+class BornAgainScheme(Strict):
+    """Born-again networks (Furlanello et al. 2018): generation k+1 (the student's architecture) learns from
+    the frozen generation k with the `distill` objective; generation 0 learns from labels."""
+
+    name: Literal["born_again"]
+    generations: int = Field(3, ge=1, description="distilled generations after generation 0")
+    ensemble: bool = Field(True, description="also evaluate the ensemble of generations 1..K")
+
+
+class ByotScheme(Strict):
+    """Be Your Own Teacher (Zhang et al. 2019): auxiliary classifier exits on intermediate student taps,
+    supervised by the labels and by the final output."""
+
+    name: Literal["byot"]
+    exits: dict[str, str] = Field(..., min_length=1, description="exit name -> student module path")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the KD term of each exit (1 - alpha weighs CE)")
+    temperature: float = Field(3.0, gt=0)
+    pool: int = Field(4, ge=1, description="adaptive-pool size of conv features before an exit head")
+    hidden: int = Field(128, ge=1, description="hidden width of an exit head")
+
+
+class SnapshotScheme(Strict):
+    """Progressive self-knowledge distillation (Kim et al. 2021): the target is (1 - a_t) y + a_t p_prev(x),
+    p_prev the model's own prediction for x in the previous epoch, a_t rising linearly to `alpha`."""
+
+    name: Literal["snapshot"]
+    alpha: float = Field(0.8, ge=0, le=1)
+
+
+def _self_stage(stage: str, objective, data, train_cfg: TrainConfig, **options) -> nn.Module:
+    """A stage whose side holds more than the student (exit heads, snapshots): its state is saved too."""
+    return run_stage(stage, objective, data, train_cfg, side_weights=True, **options)[0]
 
 
 # -- born-again generations ----------------------------------------------------------------------------------------
@@ -66,23 +94,22 @@ def born_again(make_model: Callable[[int], nn.Module], data, train_cfg: TrainCon
     return gens
 
 
-def run_born_again(cfg: RunConfig, run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
-        trust_checkpoint: bool = False) -> dict:
-    scheme = cfg.scheme
-    bundle, run_dir = prepare(cfg, run_dir)
-    terms, taps = config_terms(cfg)
-    gens = born_again(lambda k: model_from(cfg.student, bundle, cfg.seed + 202 + 31 * k, "student"),
-                      bundle.train, cfg.train, generations=scheme.generations, terms=terms, taps=taps,
-                      distill_data=bundle.distill_set(), seed=cfg.seed + 3, run_dir=run_dir, progress=progress, log=log)
+def run_born_again(cfg: "RunConfig", run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
+                   trust_checkpoint: bool = False) -> dict:
+    job = SchemeJob.start(cfg, run_dir, progress=progress, log=log, trust_checkpoint=trust_checkpoint)
+    terms, taps = job.terms()
+    gens = born_again(lambda k: job.student(31 * k), job.bundle.train, cfg.train, generations=cfg.scheme.generations,
+                      terms=terms, taps=taps, distill_data=job.bundle.distill_set(), seed=cfg.seed + 3,
+                      **job.stage_options)
     models = {}
     previous = None
     for k, g in enumerate(gens):
         label = "gen0 (labels only)" if k == 0 else f"gen{k}"
-        models[label] = evaluate(g, bundle.test, cfg.eval, reference_logits=previous)
-        previous = predict_logits(g, bundle.test)
-    if scheme.ensemble and len(gens) > 2:
-        models[f"ensemble gen1..{len(gens) - 1}"] = evaluate(ProbabilityEnsemble(gens[1:]), bundle.test, cfg.eval)
-    return finish({"scheme": "born_again", "dataset": bundle.name, "models": models}, run_dir)
+        models[label] = job.evaluate(g, reference_logits=previous)
+        previous = predict_logits(g, job.bundle.test)
+    if cfg.scheme.ensemble and len(gens) > 2:
+        models[f"ensemble gen1..{len(gens) - 1}"] = job.evaluate(ProbabilityEnsemble(gens[1:]))
+    return job.finish(models)
 
 
 # -- be your own teacher: auxiliary exits ---------------------------------------------------------------------------
@@ -187,28 +214,25 @@ def train_byot(student: nn.Module, exits: Mapping[str, str], data, train_cfg: Tr
                log=print) -> tuple[nn.Module, dict[str, ExitModel]]:
     """Train `student` with auxiliary exits on `exits` (name -> module path); returns (student, exit models)."""
     objective = ByotObjective(student, exits, alpha=alpha, temperature=temperature, pool=pool, hidden=hidden)
-    student = fit_round(stage, objective, data, train_cfg, seed=seed, run_dir=run_dir, progress=progress, log=log)
+    student = _self_stage(stage, objective, data, train_cfg, seed=seed, run_dir=run_dir, progress=progress, log=log)
     return student, objective.exit_models()
 
 
-def run_byot(cfg: RunConfig, run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
-        trust_checkpoint: bool = False) -> dict:
+def run_byot(cfg: "RunConfig", run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
+             trust_checkpoint: bool = False) -> dict:
     s = cfg.scheme
-    bundle, run_dir = prepare(cfg, run_dir)
-    student = model_from(cfg.student, bundle, cfg.seed + 202, "student")
-    student, exit_models = train_byot(student, s.exits, bundle.train, cfg.train, alpha=s.alpha,
+    job = SchemeJob.start(cfg, run_dir, progress=progress, log=log, trust_checkpoint=trust_checkpoint)
+    student, exit_models = train_byot(job.student(), s.exits, job.bundle.train, cfg.train, alpha=s.alpha,
                                       temperature=s.temperature, pool=s.pool, hidden=s.hidden, seed=cfg.seed + 3,
-                                      run_dir=run_dir, progress=progress, log=log)
+                                      **job.stage_options)
     models = {}
     if cfg.baseline:
-        base = train_ce("baseline", model_from(cfg.student, bundle, cfg.seed + 202, "student"), bundle.train,
-                        cfg.train, seed=cfg.seed + 2, run_dir=run_dir, progress=progress, log=log)
-        models["baseline (no exits)"] = evaluate(base, bundle.test, cfg.eval)
-    final_logits = predict_logits(student, bundle.test)
-    models["student (final exit)"] = evaluate(student, bundle.test, cfg.eval)
+        models["baseline (no exits)"] = job.evaluate(job.baseline())
+    final_logits = predict_logits(student, job.bundle.test)
+    models["student (final exit)"] = job.evaluate(student)
     for name, m in exit_models.items():
-        models[f"exit {name}"] = evaluate(m, bundle.test, cfg.eval, reference_logits=final_logits, cost=False)
-    return finish({"scheme": "byot", "dataset": bundle.name, "models": models}, run_dir)
+        models[f"exit {name}"] = job.evaluate(m, reference_logits=final_logits, cost=False)
+    return job.finish(models)
 
 
 # -- progressive self-knowledge distillation: the previous epoch's predictions as soft targets ----------------------
@@ -270,18 +294,16 @@ def train_snapshot(student: nn.Module, data, train_cfg: TrainConfig, *, alpha: f
                    log=print) -> nn.Module:
     """Train `student` on labels mixed with its own previous-epoch predictions (PS-KD)."""
     objective = SnapshotObjective(student, len(data), train_cfg, alpha)
-    return fit_round(stage, objective, data, train_cfg, seed=seed, run_dir=run_dir, progress=progress, log=log)
+    return _self_stage(stage, objective, data, train_cfg, seed=seed, run_dir=run_dir, progress=progress, log=log)
 
 
-def run_snapshot(cfg: RunConfig, run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
-        trust_checkpoint: bool = False) -> dict:
-    bundle, run_dir = prepare(cfg, run_dir)
-    student = train_snapshot(model_from(cfg.student, bundle, cfg.seed + 202, "student"), bundle.train, cfg.train,
-                             alpha=cfg.scheme.alpha, seed=cfg.seed + 3, run_dir=run_dir, progress=progress, log=log)
+def run_snapshot(cfg: "RunConfig", run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
+                 trust_checkpoint: bool = False) -> dict:
+    job = SchemeJob.start(cfg, run_dir, progress=progress, log=log, trust_checkpoint=trust_checkpoint)
+    student = train_snapshot(job.student(), job.bundle.train, cfg.train, alpha=cfg.scheme.alpha, seed=cfg.seed + 3,
+                             **job.stage_options)
     models = {}
     if cfg.baseline:
-        base = train_ce("baseline", model_from(cfg.student, bundle, cfg.seed + 202, "student"), bundle.train,
-                        cfg.train, seed=cfg.seed + 2, run_dir=run_dir, progress=progress, log=log)
-        models["baseline (labels only)"] = evaluate(base, bundle.test, cfg.eval)
-    models["student (PS-KD)"] = evaluate(student, bundle.test, cfg.eval)
-    return finish({"scheme": "snapshot", "dataset": bundle.name, "models": models}, run_dir)
+        models["baseline (labels only)"] = job.evaluate(job.baseline())
+    models["student (PS-KD)"] = job.evaluate(student)
+    return job.finish(models)

@@ -22,27 +22,36 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Literal, Optional, Sequence
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from kdistill.config import RunConfig
+from kdistill.configbase import Strict
 from kdistill.data import ArrayDataset
-from kdistill.outputs import call_model, logits_of
 from kdistill.errors import ConfigError, WiringError
 from kdistill.evaluate import accuracy, predict_logits
-from kdistill.schemes.common import (
-    config_terms,
-    distill,
-    evaluate,
-    finish,
-    freeze,
-    model_from,
-    prepare,
-    teacher_from,
-    train_ce,
-)
+from kdistill.outputs import call_model, logits_of
+from kdistill.schemes.common import SchemeJob, freeze, train_ce
+from kdistill.schemes.sections import ModelConfig
+from kdistill.train_config import TrainConfig
+
+if TYPE_CHECKING:
+    from kdistill.config import RunConfig
+
+
+class SpecialistsScheme(Strict):
+    """Specialist ensembles (Hinton et al. 2015, sec. 5): the teacher is the generalist; specialists learn
+    confusable class groups (plus a dustbin class); generalist + specialists teach the student."""
+
+    name: Literal["specialists"]
+    num_specialists: int = Field(2, ge=1)
+    group_size: int = Field(2, ge=2)
+    specialist: Optional[ModelConfig] = Field(None, description="specialist model (default: the teacher's)")
+    specialist_train: Optional[TrainConfig] = Field(None, description="default: teacher.train or train")
+    dustbin_ratio: float = Field(1.0, gt=0, description="dustbin examples per in-group example")
+    top_k: int = Field(2, ge=1, description="a specialist is used when its group meets the generalist's top k")
 
 
 def soft_confusion(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -166,13 +175,12 @@ def copy_matching(source: nn.Module, target: nn.Module) -> int:
     return len(take)
 
 
-def run(cfg: RunConfig, run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
+def run(cfg: "RunConfig", run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
         trust_checkpoint: bool = False) -> dict:
     s = cfg.scheme
-    bundle, run_dir = prepare(cfg, run_dir)
-    terms, taps = config_terms(cfg)
-    generalist = teacher_from(cfg.teacher, bundle, cfg.train, seed=cfg.seed, stage="teacher", where="teacher",
-                              run_dir=run_dir, progress=progress, log=log, trust_checkpoint=trust_checkpoint)
+    job = SchemeJob.start(cfg, run_dir, progress=progress, log=log, trust_checkpoint=trust_checkpoint)
+    bundle = job.bundle
+    generalist = job.teacher()
     train_logits = predict_logits(generalist, bundle.train)
     confusion = soft_confusion(train_logits, bundle.train.tensors["y"], bundle.num_classes)
     groups = confusable_groups(confusion, s.num_specialists, s.group_size)
@@ -181,24 +189,20 @@ def run(cfg: RunConfig, run_dir: Optional[Path] = None, *, progress: bool = True
     spec_train = s.specialist_train or cfg.teacher.train or cfg.train
     specialists = []
     for m, group in enumerate(groups):
-        model = model_from(spec_cfg, bundle, cfg.seed + 303 + m, "scheme.specialist", num_classes=len(group) + 1)
+        model = job.model(spec_cfg, cfg.seed + 303 + m, "scheme.specialist", num_classes=len(group) + 1)
         copy_matching(generalist, model)
         data = specialist_data(bundle.train, group, bundle.num_classes, dustbin_ratio=s.dustbin_ratio,
                                seed=cfg.seed + m)
         specialists.append(freeze(train_ce(f"specialist{m}", model, data, spec_train, seed=cfg.seed + 40 + m,
-                                           run_dir=run_dir, progress=progress, log=log)))
+                                           **job.stage_options)))
     teacher = SpecialistEnsemble(generalist, specialists, groups, s.top_k).eval()
-    student = distill("student", model_from(cfg.student, bundle, cfg.seed + 202, "student"), teacher,
-                      bundle.distill_set(), cfg.train, seed=cfg.seed + 3, terms=terms, taps=taps, run_dir=run_dir,
-                      progress=progress, log=log)
+    student = job.distill("student", job.student(), teacher, seed=cfg.seed + 3)
     teacher_logits = predict_logits(teacher, bundle.test)
-    models = {"generalist": evaluate(generalist, bundle.test, cfg.eval),
-              "generalist + specialists": evaluate(teacher, bundle.test, cfg.eval, cost=False)}
+    models = {"generalist": job.evaluate(generalist),
+              "generalist + specialists": job.evaluate(teacher, cost=False)}
     if cfg.baseline:
-        base = train_ce("baseline", model_from(cfg.student, bundle, cfg.seed + 202, "student"), bundle.train,
-                        cfg.train, seed=cfg.seed + 2, run_dir=run_dir, progress=progress, log=log)
-        models["student, no teacher"] = evaluate(base, bundle.test, cfg.eval, reference_logits=teacher_logits)
-    models["student"] = evaluate(student, bundle.test, cfg.eval, reference_logits=teacher_logits)
+        models["student, no teacher"] = job.evaluate(job.baseline(), reference_logits=teacher_logits)
+    models["student"] = job.evaluate(student, reference_logits=teacher_logits)
     within = {}
     for m, (group, spec) in enumerate(zip(groups, specialists)):
         test = specialist_data(bundle.test, group, bundle.num_classes, dustbin_ratio=0.0)
@@ -206,5 +210,4 @@ def run(cfg: RunConfig, run_dir: Optional[Path] = None, *, progress: bool = True
         gen_logits = predict_logits(generalist, test)[:, group]
         within[f"specialist{m}"] = {"group": group, "accuracy_within_group": accuracy(logits, test.tensors["y"]),
                                     "generalist_within_group": accuracy(gen_logits, test.tensors["y"])}
-    return finish({"scheme": "specialists", "dataset": bundle.name, "groups": groups, "specialists": within,
-                   "models": models}, run_dir)
+    return job.finish(models, groups=groups, specialists=within)

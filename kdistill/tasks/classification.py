@@ -7,6 +7,7 @@ job skeleton and the CLI (`kdistill.tasks.Task`).
 from __future__ import annotations
 
 from kdistill.config import RunConfig
+from kdistill.report import summary_table
 from kdistill.tasks import Task
 
 
@@ -14,16 +15,6 @@ def _run(cfg: RunConfig, run_dir, *, progress: bool = True, log=print, **options
     from kdistill.schemes import run
 
     return run(cfg, run_dir, progress=progress, log=log, **options)
-
-
-def _table(summary: dict) -> str:
-    if summary.get("scheme", "offline") == "offline" and "teacher" in summary and "student" in summary:
-        from kdistill.report import comparison_table
-
-        return comparison_table(summary)
-    from kdistill.schemes.common import summary_table
-
-    return summary_table(summary)
 
 
 def _build_cache(cfg: RunConfig, run_dir, **options):
@@ -38,4 +29,4 @@ def _evaluate(run_dir, **options) -> dict:
     return evaluate_run_dir(run_dir, **options)
 
 
-TASK = Task("classification", RunConfig, _run, _table, _build_cache, _evaluate)
+TASK = Task("classification", RunConfig, _run, summary_table, _build_cache, _evaluate)

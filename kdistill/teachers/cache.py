@@ -30,10 +30,12 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-from torch import nn
+from accelerate.utils import send_to_device
 
 from kdistill.errors import CacheError
 from kdistill.losses.sparse import SparseDistribution
+from kdistill.teachers.fingerprint import (augmentation_of, augmentation_views,  # noqa: F401  (re-exported)
+                                           dataset_fingerprint, teacher_fingerprint, weights_fingerprint)
 from kdistill.teachers.store import (FORMAT, CacheReader, CacheStore, FieldSpec, fields_to_json, from_torch,
                                      to_torch)
 
@@ -71,70 +73,8 @@ class CacheSpec:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# fingerprints and the key
+# the key (fingerprints in kdistill.teachers.fingerprint)
 # ------------------------------------------------------------------------------------------------------------
-
-def weights_fingerprint(model: nn.Module) -> str:
-    """SHA-256 (16 hex digits) of the module's state dict: names, dtypes, shapes and bytes, plus its class."""
-    h = hashlib.sha256(type(model).__qualname__.encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def teacher_fingerprint(teacher: Any) -> dict:
-    """What identifies a teacher: its weights and taps (a LiveTeacher or a module), or its own `fingerprint()`."""
-    if hasattr(teacher, "fingerprint") and callable(teacher.fingerprint):
-        return dict(teacher.fingerprint())
-    model = teacher if isinstance(teacher, nn.Module) else getattr(teacher, "model", None)
-    if not isinstance(model, nn.Module):
-        raise CacheError(f"cannot tell which teacher a {type(teacher).__name__} is, so a cache of its outputs could "
-                         f"not be checked later", fix="give it a fingerprint() method returning a dict of what "
-                                                      "identifies it, or pass an nn.Module / LiveTeacher")
-    taps = getattr(getattr(teacher, "taps", None), "specs", None) or {}
-    return {"weights": weights_fingerprint(model), "taps": dict(sorted(taps.items()))}
-
-
-def dataset_fingerprint(dataset: Any) -> str:
-    if hasattr(dataset, "fingerprint") and callable(dataset.fingerprint):
-        return str(dataset.fingerprint())
-    raise CacheError(f"dataset '{getattr(dataset, 'name', type(dataset).__name__)}' has no fingerprint(), so a cache "
-                     f"of teacher outputs for it could not be checked later",
-                     fix="use an ArrayDataset or give the dataset a fingerprint() method (a hash of its contents)")
-
-
-def augmentation_of(dataset: Any) -> Optional[dict]:
-    """The dataset's declared input augmentation settings (None: inputs are the same every epoch)."""
-    aug = getattr(dataset, "augmentation", None)
-    if not aug:
-        return None
-    if not isinstance(aug, Mapping):
-        aug = {"augmentation": repr(aug), "views": None}
-    return dict(aug)
-
-
-def augmentation_views(dataset: Any) -> int:
-    """Views to cache per sample: 1 without augmentation; refuses augmentation drawn fresh at every step."""
-    aug = augmentation_of(dataset)
-    if aug is None:
-        return 1
-    views = aug.get("views")
-    if not views:
-        name = getattr(dataset, "name", type(dataset).__name__)
-        raise CacheError(f"dataset '{name}' augments its inputs randomly at every step ({_describe(aug)}); cached "
-                         f"teacher outputs would be targets for inputs the student never sees",
-                         where="teacher.cache",
-                         fix="set a fixed number of augmentation views (data.augment.views: N, the cache then "
-                             "stores N views per sample keyed by (index, aug_seed)), or drop teacher.cache and "
-                             "run the teacher live")
-    return int(views)
-
-
-def _describe(aug: Mapping) -> str:
-    return ", ".join(f"{k}={v}" for k, v in aug.items() if k != "views") or "augmented"
-
 
 def cache_key_parts(teacher: Any, dataset: Any, spec: CacheSpec, outputs: Sequence[str]) -> dict:
     return {"format": FORMAT, "teacher": teacher_fingerprint(teacher), "data": dataset_fingerprint(dataset),
@@ -267,14 +207,6 @@ def dataset_batch(dataset: Any, idx: torch.Tensor, view: Optional[int]) -> dict:
     return batch
 
 
-def _move(batch: Any, device: torch.device) -> Any:
-    if torch.is_tensor(batch):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: _move(v, device) for k, v in batch.items()}
-    return batch
-
-
 def _field_specs(values: Mapping[str, Any], outputs: Sequence[str], spec: CacheSpec) -> list[FieldSpec]:
     fields = []
     for name in outputs:
@@ -345,7 +277,7 @@ def build_cache(teacher: Callable[[Mapping], Mapping[str, Any]], dataset: Any, d
     device = torch.device(device)
     num_samples = len(dataset)
     if rank == 0 and existing is None:
-        probe = teacher(_move(dataset_batch(dataset, torch.arange(min(2, num_samples)), 0 if views > 1 else None),
+        probe = teacher(send_to_device(dataset_batch(dataset, torch.arange(min(2, num_samples)), 0 if views > 1 else None),
                               device))
         fields = _field_specs(probe, outputs, spec)
         row_bytes = sum(f.row_bytes() for f in fields)
@@ -374,7 +306,7 @@ def build_cache(teacher: Callable[[Mapping], Mapping[str, Any]], dataset: Any, d
                 view, index = divmod(row, num_samples)
                 n = min(hi - row, spec.batch_size, num_samples - index)
                 idx = torch.arange(index, index + n)
-                batch = _move(dataset_batch(dataset, idx, view if views > 1 else None), device)
+                batch = send_to_device(dataset_batch(dataset, idx, view if views > 1 else None), device)
                 _store_rows(teacher(batch), fields, arrays, slice(row - lo, row - lo + n), idx)
                 row += n
                 bar.update(n)
