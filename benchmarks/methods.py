@@ -19,10 +19,13 @@ same init, same data order). Step time is the process CPU time of `Engine.fit` (
 machine it equals wall time; on a shared machine it is far less noisy); the wall-clock figure is kept as
 `wall_ms_per_step`.
 
-The teacher is frozen and the data has no augmentation, so its outputs for a training row never change: they are
-computed once (logits and the tapped map for every training row) and served from memory by row index
-(`CachedTeacher`, a teacher callable like `LiveTeacher`). The step times therefore exclude the teacher forward
-(it is the same for every method); the table reports it separately (`teacher_ms_per_batch`).
+The teacher is trained once as the run directory's ``teacher`` stage (`kdistill.tasks.job.run_stage`: reused from
+``teacher.safetensors`` on the next run). It is frozen and the data has no augmentation, so its outputs for a
+training row never change: they are stored once (float32) in kdistill's teacher-output cache
+(`kdistill.teachers.build_cache`, ``RUN_DIR/teacher-cache/<outputs>``: one cache per set of outputs the rows read,
+so a step reads only what its terms use) and read back by row index (`CachedTeacher`, a teacher callable like
+`LiveTeacher`). The step times therefore exclude the teacher forward (it is the same for every method); the table
+reports it separately (`teacher_ms_per_batch`).
 
 Usage::
 
@@ -43,9 +46,9 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -57,9 +60,12 @@ from kdistill.distiller import Distiller, LiveTeacher, Term  # noqa: E402
 from kdistill.engine import Engine  # noqa: E402
 from kdistill.errors import NonFiniteError  # noqa: E402
 from kdistill.evaluate import accuracy, predict_logits  # noqa: E402
+from kdistill.losses import get_loss  # noqa: E402
 from kdistill.models import build_model  # noqa: E402
-from kdistill.models.loading import load_state_dict_file  # noqa: E402
-from kdistill.schemes.offline import seeded_build, train_stage  # noqa: E402
+from kdistill.outputs import LOGITS  # noqa: E402
+from kdistill.seeding import seeded_build  # noqa: E402
+from kdistill.tasks.job import run_stage  # noqa: E402
+from kdistill.teachers import CacheSpec, build_cache  # noqa: E402
 
 FEAT = "feat"  # tap name of the last stage's output maps, on both sides
 EMB = "emb"    # tap name of the penultimate features (those maps after the network's own pooling)
@@ -196,38 +202,12 @@ def build_methods(preset: str = "cifar100") -> list[Method]:
 
 
 
-class CachedTeacher:
-    """A frozen teacher's outputs for every training row, computed once and looked up by the batch's ``index``.
-
-    Equivalent to running the teacher live when the teacher is frozen and the inputs are not augmented (each row
-    always gives the same output): the cache is built with `LiveTeacher` itself.
-    """
-
-    def __init__(self, values: Mapping[str, torch.Tensor]):
-        self.values = dict(values)
-
-    @classmethod
-    def build(cls, teacher: LiveTeacher, data: ArrayDataset, batch_size: int = 1024) -> "CachedTeacher":
-        n = len(data)
-        if not torch.equal(data.tensors["index"], torch.arange(n)):
-            raise ValueError("CachedTeacher needs a dataset whose index column is 0..N-1")
-        parts: dict[str, list[torch.Tensor]] = {}
-        for start in range(0, n, batch_size):
-            out = teacher(data.batch(torch.arange(start, min(n, start + batch_size))))
-            for k, v in out.items():
-                parts.setdefault(k, []).append(v)
-        return cls({k: torch.cat(v) for k, v in parts.items()})
-
-    def subset(self, keys) -> "CachedTeacher":
-        return CachedTeacher({k: self.values[k] for k in keys})
-
-    def to(self, device) -> "CachedTeacher":
-        self.values = {k: v.to(device) for k, v in self.values.items()}
-        return self
-
-    def __call__(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        idx = batch["index"].to(next(iter(self.values.values())).device)
-        return {k: v[idx] for k, v in self.values.items()}
+def describe_methods(steps: int = 1200) -> dict:
+    """Every preset's rows as plain data (each method's setting and its terms for a run of `steps`), and each
+    dataset's default preset: what ``--describe-methods`` prints."""
+    return {"presets": {p: {m.name: {"setting": m.setting, "terms": [dataclasses.asdict(t) for t in m.terms(steps)]}
+                            for m in build_methods(p)} for p in PRESETS},
+            "default_preset": {name: setup.preset for name, setup in SETUPS.items()}}
 
 
 def n_params(module: torch.nn.Module) -> int:
@@ -238,8 +218,16 @@ def _shrink(data: ArrayDataset, n: int) -> ArrayDataset:
     return ArrayDataset({k: v[:n] for k, v in data.tensors.items()}, data.name)
 
 
-def prepare(dataset: str, setup: Setup, run_dir: Path, *, quick: bool, log=print) -> dict:
-    """Data, the trained teacher (trained once, reused from ``run_dir/teacher.safetensors``) and its cache."""
+def teacher_outputs(terms: list[Term]) -> tuple[str, ...]:
+    """The teacher outputs a method's terms read (empty: no teacher)."""
+    return tuple(sorted({t.teacher for t in terms if get_loss(t.loss).needs_teacher}))
+
+
+def prepare(dataset: str, setup: Setup, run_dir: Path, *, quick: bool, output_sets: list[tuple[str, ...]],
+            log=print) -> dict:
+    """Data, the trained teacher (stage ``teacher``: trained once, reused from ``run_dir/teacher.safetensors``) and
+    one cache of its outputs on the training rows per set of outputs the methods read
+    (``run_dir/teacher-cache/<outputs>``, rebuilt only if they change), so a step reads only what its terms use."""
     bundle = load_data(DataConfig(name=dataset))
     if quick:
         bundle.train = _shrink(bundle.train, 256)
@@ -247,22 +235,21 @@ def prepare(dataset: str, setup: Setup, run_dir: Path, *, quick: bool, log=print
     shape, classes = bundle.input_shape, bundle.num_classes
     teacher = seeded_build(101, lambda: build_model(setup.teacher[0], setup.teacher[1], input_shape=shape,
                                                     num_classes=classes))
-    weights = run_dir / "teacher.safetensors"
-    if weights.is_file():
-        teacher.load_state_dict(load_state_dict_file(weights))
-        log(f"teacher: reused {weights}")
-    else:
-        t0 = time.perf_counter()
-        teacher = train_stage("teacher", run_dir, setup.teacher_train,
-                              Distiller(teacher, None, [Term("ce", "ce")]), bundle.train, 1, bundle, False, log)
-        log(f"teacher: trained in {time.perf_counter() - t0:.0f} s -> {weights}")
+    t0 = time.perf_counter()
+    teacher, trained = run_stage("teacher", Distiller(teacher, None, [Term("ce", "ce")]), bundle.train,
+                                 setup.teacher_train, seed=1, run_dir=run_dir, progress=False, log=log)
+    if trained is not None:
+        log(f"teacher: trained in {time.perf_counter() - t0:.0f} s -> {run_dir / 'teacher.safetensors'}")
     teacher.eval()
     teacher_top1 = accuracy(predict_logits(teacher, bundle.test), bundle.test.tensors["y"])
     live = LiveTeacher(teacher, setup.teacher_taps)
     t0 = time.perf_counter()
-    cache = CachedTeacher.build(live, bundle.train)
+    caches = {outputs: build_cache(live, bundle.train, run_dir / "teacher-cache" / "+".join(outputs),
+                                   CacheSpec(dtype="float32", batch_size=1024), outputs=outputs, log=log)
+              for outputs in sorted({*output_sets, (LOGITS,)})}
+    tap_shapes = {k: list(v.shape[1:]) for k, v in live(bundle.train.batch(torch.arange(1))).items()}
     log(f"teacher: top-1 {teacher_top1:.4f}; outputs of {len(bundle.train)} training rows cached in "
-        f"{time.perf_counter() - t0:.0f} s ({', '.join(f'{k} {tuple(v.shape[1:])}' for k, v in cache.values.items())})")
+        f"{time.perf_counter() - t0:.0f} s ({', '.join(f'{k} {tuple(v)}' for k, v in tap_shapes.items())})")
     # the live teacher's cost per training batch, for reference (median of a few calls)
     batch = bundle.train.batch(torch.arange(min(len(bundle.train), setup.train.batch_size)))
     cpu_ms, wall_ms = [], []
@@ -272,11 +259,11 @@ def prepare(dataset: str, setup: Setup, run_dir: Path, *, quick: bool, log=print
         cpu_ms.append((time.process_time() - c0) * 1000)
         wall_ms.append((time.perf_counter() - t0) * 1000)
     # how much class information the soft targets carry at each published temperature (training rows)
-    train_logits = cache.values["logits"]
+    train_logits = caches[(LOGITS,)]({"index": torch.arange(len(bundle.train))})[LOGITS]
     softness = {f"T={t:g}": float(torch.softmax(train_logits / t, 1).max(1).values.mean()) for t in (1.0, 2.0, 4.0)}
     log(f"teacher: mean top probability on the training rows {softness}")
-    return {"bundle": bundle, "teacher": teacher, "teacher_top1": teacher_top1, "cache": cache,
-            "teacher_mean_top_probability": softness,
+    return {"bundle": bundle, "teacher": teacher, "teacher_top1": teacher_top1, "caches": caches,
+            "tap_shapes": tap_shapes, "teacher_mean_top_probability": softness,
             "teacher_ms_per_batch": statistics.median(cpu_ms[1:] if len(cpu_ms) > 2 else cpu_ms),
             "teacher_wall_ms_per_batch": statistics.median(wall_ms[1:] if len(wall_ms) > 2 else wall_ms)}
 
@@ -288,8 +275,8 @@ def train_student(setup: Setup, method: Method, seed: int, ctx: dict, train_cfg:
     student = seeded_build(1000 + seed, lambda: build_model(setup.student[0], setup.student[1],
                                                              input_shape=bundle.input_shape,
                                                              num_classes=bundle.num_classes))
-    teacher_keys = {t.teacher for t in terms if t.loss != "ce"}
-    teacher = ctx["cache"].subset(teacher_keys) if teacher_keys else None
+    outputs = teacher_outputs(terms)
+    teacher = ctx["caches"][outputs] if outputs else None
     student_taps = {k: v for k, v in setup.student_taps.items() if any(t.student == k for t in terms)}
     distiller = Distiller(student, teacher, terms, student_taps=student_taps)
     engine = Engine(train_cfg, None, stage=f"{method.name}-seed{seed}", seed=seed, progress=False,
@@ -329,7 +316,8 @@ def run_benchmark(dataset: str, *, quick: bool = False, run_dir: Optional[Path] 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(run_dir) if run_dir is not None else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        ctx = prepare(dataset, setup, folder, quick=quick, log=log)
+        output_sets = [teacher_outputs(m.terms(train_cfg.steps)) for m in chosen]
+        ctx = prepare(dataset, setup, folder, quick=quick, output_sets=[o for o in output_sets if o], log=log)
         bundle = ctx["bundle"]
         results: dict[str, list[dict]] = {m.name: [] for m in chosen}
         t_all = time.perf_counter()
@@ -371,7 +359,7 @@ def run_benchmark(dataset: str, *, quick: bool = False, run_dir: Optional[Path] 
         "rows": rows,
         "teacher": {"model": setup.teacher[0], "kwargs": setup.teacher[1], "params": n_params(ctx["teacher"]),
                     "taps": setup.teacher_taps,
-                    "tap_shapes": {k: list(v.shape[1:]) for k, v in ctx["cache"].values.items()},
+                    "tap_shapes": ctx["tap_shapes"],
                     "train": setup.teacher_train.model_dump(mode="json")},
         "student": {"model": setup.student[0], "kwargs": setup.student[1], "params": student_params,
                     "taps": setup.student_taps},
@@ -427,7 +415,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
                              "(T=4) or imagenet (T=1); default: the dataset's (fashion_mnist imagenet, mnist1d "
                              "cifar100)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--describe-methods", action="store_true",
+                        help="print every preset's rows (settings and loss terms) as JSON and exit, training nothing")
     args = parser.parse_args(argv)
+    if args.describe_methods:
+        print(json.dumps(describe_methods(), indent=1))
+        return {}
     torch.set_num_threads(args.threads)
     run_dir = args.run_dir
     if run_dir is None and not args.quick:

@@ -27,12 +27,11 @@ from kdistill.demo import DEMO_CONFIG
 from kdistill.distiller import Distiller, Term
 from kdistill.engine import Engine, StepSampler, lr_lambda
 from kdistill.models import build_model
+from kdistill.seeding import seeded_build
 
 
 def build(cfg_model, seed):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build_model(cfg_model.name, cfg_model.kwargs, input_shape=(40,), num_classes=10)
+    return seeded_build(seed, lambda: build_model(cfg_model.name, cfg_model.kwargs, input_shape=(40,), num_classes=10))
 
 
 def handwritten(student, teacher, x, y, train: TrainConfig, alpha: float, temp: float, seed: int) -> None:

@@ -51,6 +51,7 @@ from kdistill.data import ArrayDataset, fashion_mnist  # noqa: E402
 from kdistill.distiller import Distiller, LiveTeacher, Term  # noqa: E402
 from kdistill.engine import Engine  # noqa: E402
 from kdistill.models import build_model  # noqa: E402
+from kdistill.seeding import seeded_build  # noqa: E402
 from kdistill.teachers import CacheSpec, build_cache  # noqa: E402
 
 BATCH, LR, ALPHA, TEMP = 256, 1e-3, 0.9, 4.0
@@ -59,9 +60,7 @@ STUDENT = ("mlp", {"hidden": [256, 128]})
 
 
 def model(spec, seed):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build_model(spec[0], spec[1], input_shape=(1, 28, 28), num_classes=10)
+    return seeded_build(seed, lambda: build_model(spec[0], spec[1], input_shape=(1, 28, 28), num_classes=10))
 
 
 def cosine(total):

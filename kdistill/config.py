@@ -68,10 +68,12 @@ class TermConfig(Strict):
     @field_validator("loss")
     @classmethod
     def _known_loss(cls, v: str) -> str:
-        from kdistill.losses import is_registered, loss_names
+        from kdistill.losses import get_loss, is_registered, loss_names
 
-        if not is_registered(v):
-            raise ValueError(f"unknown loss '{v}'; allowed: {', '.join(loss_names())}")
+        if not is_registered(v) or not get_loss(v).on_taps:
+            what = f"unknown loss '{v}'" if not is_registered(v) else \
+                f"loss '{v}' needs the encoder distiller (task: sentence_embedding)"
+            raise ValueError(f"{what}; allowed: {', '.join(loss_names(on_taps=True))}")
         return v
 
 
@@ -88,8 +90,11 @@ class DistillConfig(Strict):
     def _taps_defined(self) -> "DistillConfig":
         import difflib
 
+        from kdistill.losses import get_loss
+
         for i, term in enumerate(self.terms or []):
-            sides = [("student", term.student)] + ([("teacher", term.teacher)] if term.loss != "ce" else [])
+            reads_teacher = get_loss(term.loss).needs_teacher
+            sides = [("student", term.student)] + ([("teacher", term.teacher)] if reads_teacher else [])
             for side, tap in sides:
                 if tap != "logits" and tap not in self.taps:
                     close = difflib.get_close_matches(tap, list(self.taps), n=3, cutoff=0.5)

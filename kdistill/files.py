@@ -38,13 +38,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file atomically: temp file in the same folder, fsync, rename."""
+def atomic_write_bytes(path: Path, *chunks: bytes) -> None:
+    """Write the chunks to one file atomically: temp file in the same folder, fsync, rename. A failed write (full
+    disk, no permission) is a one-line `CheckpointError` and leaves no temp file behind."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as fh:
-            fh.write(data)
+            for chunk in chunks:
+                fh.write(chunk)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -80,24 +82,8 @@ def safetensors_bytes(state_dict: dict[str, torch.Tensor], metadata: Optional[di
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
     """Save tensors as safetensors, atomically and byte-reproducibly (shared storage is cloned: safetensors
     refuses aliases). A failed write (full disk, no permission) is a one-line `CheckpointError`."""
-    path = Path(path)
     header, data = safetensors_bytes(state_dict, metadata)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(header)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        raise CheckpointError(f"cannot write {path}: {os_reason(err)}", fix="check free space and permissions") \
-            from None
-    fsync_dir(path.parent)
+    atomic_write_bytes(Path(path), header, data)
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:

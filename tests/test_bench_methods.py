@@ -1,30 +1,31 @@
-"""benchmarks/methods.py --quick: every method row runs through Distiller + Engine and the JSON has the table."""
+"""benchmarks/methods.py, run as a script: --quick trains every method row through Distiller + Engine and the
+JSON has the table; --describe-methods lists each preset's loss terms (no test imports a benchmark script)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "methods.py"
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_methods", ROOT / "benchmarks" / "methods.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+def bench(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=1200)
 
 
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="dataset-fashion-mnist missing")
-def test_quick_benchmark_runs_every_method_row(tmp_path, capsys):
-    bench = load_bench()
+def test_quick_benchmark_runs_every_method_row(tmp_path):
     out = tmp_path / "quick.json"
-    bench.main(["--dataset", "fashion_mnist", "--quick", "--json", str(out)])
+    done = bench("--dataset", "fashion_mnist", "--quick", "--json", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
     expected = ["scratch", "KD", "DKD", "DIST", "FitNet", "AT", "SP", "RKD", "PKT", "CC", "CRD", "KD+CRD"]
     assert result["dataset"] == "fashion_mnist" and 0 <= result["teacher_top1"] <= 1
@@ -43,33 +44,31 @@ def test_quick_benchmark_runs_every_method_row(tmp_path, capsys):
     assert result["preset"] == "imagenet"  # Fashion-MNIST's default: the papers' T = 1 settings
     assert rows["KD"]["setting"] == "0.5 CE + 0.5 KD, T=1"
     assert result["command"].endswith("--quick --json " + str(out))
-    table = capsys.readouterr().out
-    assert all(f"| {m} |" in table for m in expected)
+    assert result["teacher"]["tap_shapes"] == {"feat": [64, 7, 7], "emb": [64, 1, 1], "logits": [10]}
+    assert all(f"| {m} |" in done.stdout for m in expected)
 
 
-def _temperatures(method, steps=1200):
+def _temperatures(terms):
     # CRD's contrastive temperature (0.07) is not a softmax temperature of the logits
-    return {t.name: t.params["temperature"] for t in method.terms(steps)
-            if "temperature" in t.params and t.loss != "crd"}
+    return {t["name"]: t["params"]["temperature"] for t in terms if "temperature" in t["params"] and t["loss"] != "crd"}
 
 
 def test_presets_change_only_the_temperature_rows():
-    bench = load_bench()
-    cifar = {m.name: m for m in bench.build_methods("cifar100")}
-    imagenet = {m.name: m for m in bench.build_methods("imagenet")}
+    done = bench("--describe-methods")
+    assert done.returncode == 0, done.stderr[-2000:]
+    described = json.loads(done.stdout)
+    cifar, imagenet = described["presets"]["cifar100"], described["presets"]["imagenet"]
     assert list(cifar) == list(imagenet)
     response = {"KD", "DKD", "DIST", "KD+CRD"}
     for name in cifar:
-        a, b = cifar[name].terms(1200), imagenet[name].terms(1200)
-        same = [(t.name, t.loss, t.weight, t.params, t.warmup_steps) for t in a] == \
-               [(t.name, t.loss, t.weight, t.params, t.warmup_steps) for t in b]
+        same = cifar[name]["terms"] == imagenet[name]["terms"]
         assert same == (name not in response), name
-    assert all(set(_temperatures(cifar[n]).values()) == {4.0} for n in response)
-    assert all(set(_temperatures(imagenet[n]).values()) == {1.0} for n in response)
-    kd = {t.name: t.weight for t in imagenet["KD"].terms(1200)}
+    assert all(set(_temperatures(cifar[n]["terms"]).values()) == {4.0} for n in response)
+    assert all(set(_temperatures(imagenet[n]["terms"]).values()) == {1.0} for n in response)
+    kd = {t["name"]: t["weight"] for t in imagenet["KD"]["terms"]}
     assert kd == {"ce": 0.5, "kd": 0.5}
-    dkd = [t for t in imagenet["DKD"].terms(1200) if t.name == "dkd"][0]
-    assert dkd.params["beta"] == 0.5 and dkd.warmup_steps == 12
-    assert bench.SETUPS["fashion_mnist"].preset == "imagenet" and bench.SETUPS["mnist1d"].preset == "cifar100"
-    with pytest.raises(ValueError, match="unknown preset"):
-        bench.build_methods("cifar10")
+    dkd = [t for t in imagenet["DKD"]["terms"] if t["name"] == "dkd"][0]
+    assert dkd["params"]["beta"] == 0.5 and dkd["warmup_steps"] == 12
+    assert described["default_preset"] == {"fashion_mnist": "imagenet", "mnist1d": "cifar100"}
+    refused = bench("--describe-methods", "--preset", "cifar10")
+    assert refused.returncode == 2 and "invalid choice" in refused.stderr

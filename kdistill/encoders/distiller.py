@@ -45,7 +45,7 @@ from kdistill.encoders.terms import (RELATION_FEATURES, distilbert_terms, embedd
 from kdistill.errors import WiringError
 from kdistill.losses import LossSpec, call_term
 from kdistill.objective import SchemeSide, SideObjective, Term
-from kdistill.teachers.cache import weights_fingerprint
+from kdistill.teachers.fingerprint import weights_fingerprint
 from kdistill.teachers.live import FrozenTeacher
 
 __all__ = [

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
 from kdistill.errors import WiringError
 from kdistill.losses.contrastive import simcse  # noqa: F401  (re-exported)

@@ -18,7 +18,6 @@ teacher's space.
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Sequence
 from typing import Optional
 
@@ -28,6 +27,7 @@ from torch import nn
 from kdistill.encoders.layers import layer_map
 from kdistill.encoders.models import SentenceEncoder, backbone_of, encoder_layout
 from kdistill.errors import WiringError
+from kdistill.models.layer_subset import renumbered_layers
 
 __all__ = ["build_student", "student_config", "teacher_layers_of"]
 
@@ -94,16 +94,8 @@ def _layers_prefix(model: nn.Module) -> str:
 
 def _copy_layers(teacher: nn.Module, student: nn.Module, kept: list[int]) -> None:
     """Load the teacher's weights into the student: layer j <- teacher layer kept[j] (1-based), rest as is."""
-    t_prefix, s_prefix = _layers_prefix(teacher), _layers_prefix(student)
-    pattern = re.compile(rf"^{re.escape(t_prefix)}\.(\d+)\.(.+)$")
     new_index = {old - 1: new for new, old in enumerate(kept)}
-    state = {}
-    for key, value in teacher.state_dict().items():
-        match = pattern.match(key)
-        if match is None:
-            state[key] = value
-        elif int(match.group(1)) in new_index:
-            state[f"{s_prefix}.{new_index[int(match.group(1))]}.{match.group(2)}"] = value
+    state = renumbered_layers(teacher.state_dict(), _layers_prefix(teacher), _layers_prefix(student), new_index)
     with torch.no_grad():
         result = student.load_state_dict(state, strict=False)
     if hasattr(student, "tie_weights"):

@@ -13,7 +13,8 @@ not a target; the loss shifts them so that position ``t`` predicts token ``t + 1
   the prompt is left-padded into the first ``P`` columns and the response right-padded into the last ``R``,
   so every prompt ends at column ``P`` (batched generation continues all rows from there) and ``prompt_len``
   (= P) is stored per row with the ``attention_mask``. Labels are ``-100`` on the prompt and on padding: only
-  response tokens count. Position ids are computed from the attention mask (`lm_inputs`), so left padding does not shift them.
+  response tokens count.
+  Position ids are computed from the attention mask (`lm_inputs`), so left padding does not shift them.
 """
 
 from __future__ import annotations

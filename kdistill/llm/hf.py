@@ -87,12 +87,14 @@ def load_causal_lm(
             str(folder), gguf_file=gguf_file, dtype=dtype, local_files_only=True
         )
     except (OSError, ValueError) as err:
-        raise KDError(
-            f"cannot load a causal LM from {str(folder)!r}: {str(err).splitlines()[0] if str(err) else err!r}",
-            where="load_causal_lm",
-            fix="check the folder holds config.json and weights (or pass gguf_file=)",
-        ) from err
+        raise _load_failed("a causal LM", folder, err, "load_causal_lm",
+                           "check the folder holds config.json and weights (or pass gguf_file=)") from err
     return model.eval()
+
+
+def _load_failed(what: str, folder: Any, err: Exception, where: str, fix: str) -> KDError:
+    first = str(err).splitlines()[0] if str(err) else repr(err)
+    return KDError(f"cannot load {what} from {str(folder)!r}: {first}", where=where, fix=fix)
 
 
 def load_tokenizer(path: str | os.PathLike, *, gguf_file: str | None = None) -> Any:
@@ -102,11 +104,8 @@ def load_tokenizer(path: str | os.PathLike, *, gguf_file: str | None = None) -> 
     try:
         return transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file, local_files_only=True)
     except (OSError, ValueError) as err:
-        raise KDError(
-            f"cannot load a tokenizer from {str(folder)!r}: {str(err).splitlines()[0] if str(err) else err!r}",
-            where="load_tokenizer",
-            fix="check the folder holds tokenizer files (or pass gguf_file=)",
-        ) from err
+        raise _load_failed("a tokenizer", folder, err, "load_tokenizer",
+                           "check the folder holds tokenizer files (or pass gguf_file=)") from err
 
 
 def smollm2_path() -> tuple[str, str]:

@@ -8,13 +8,13 @@ so it starts from a working language model instead of random weights.
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from kdistill.errors import WiringError
+from kdistill.models.layer_subset import renumbered_layers
 
 __all__ = ["decoder_layers_path", "student_from_teacher"]
 
@@ -131,15 +131,7 @@ def student_from_teacher(
     reference = next(teacher.parameters())
     student = type(teacher)(config).to(device=reference.device, dtype=reference.dtype)
 
-    layer_key = re.compile(rf"^{re.escape(path)}\.(\d+)\.(.+)$")
-    new_index = {old: new for new, old in enumerate(kept)}
-    state = {}
-    for key, value in teacher.state_dict().items():
-        match = layer_key.match(key)
-        if match is None:
-            state[key] = value
-        elif int(match.group(1)) in new_index:
-            state[f"{path}.{new_index[int(match.group(1))]}.{match.group(2)}"] = value
+    state = renumbered_layers(teacher.state_dict(), path, path, {old: new for new, old in enumerate(kept)})
     with torch.no_grad():
         result = student.load_state_dict(state, strict=False)
     student.tie_weights()

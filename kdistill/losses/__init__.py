@@ -65,17 +65,17 @@ register(LossSpec("attention_mse", "feature", attention_mse, feature="attention"
                   default_layers="uniform", summary="attention-probability MSE (TinyBERT)"))
 register(LossSpec("self_relation", "feature", self_relation, summary="self-relation KL (MiniLMv2)"))
 register(LossSpec("embedding_layer", "layer", hidden_mse, same_shape=True, feature="hidden", default_layers=[[0, 0]],
-                  summary="embedding-layer output MSE (TinyBERT)"))
+                  on_taps=False, summary="embedding-layer output MSE (TinyBERT)"))
 for _feature in ("value", "query", "key"):
     register(LossSpec(f"{_feature}_relation", "layer", self_relation, feature=_feature, min_layer=1,
-                      default_layers="last-1", summary=f"{_feature}-{_feature} self-relation KL (MiniLM, MiniLMv2)"))
+                      default_layers="last-1", on_taps=False, summary=f"{_feature}-{_feature} self-relation KL (MiniLM, MiniLMv2)"))
 del _feature
 register(LossSpec("embedding_cosine", "embedding", embedding_cosine, same_shape=True,
                   summary="per-sentence embedding cosine distance"))
 register(LossSpec("embedding_mse", "embedding", embedding_mse, same_shape=True, summary="sentence-embedding MSE"))
 register(LossSpec("similarity_matrix", "embedding", similarity_matrix, summary="batch cosine-similarity matrix"))
-register(LossSpec("simcse", "contrastive", simcse, needs_teacher=False, summary="SimCSE on two dropout views"))
-register(LossSpec("mlm", "label", ce, needs_labels=True, needs_teacher=False,
+register(LossSpec("simcse", "contrastive", simcse, needs_teacher=False, on_taps=False, summary="SimCSE on two dropout views"))
+register(LossSpec("mlm", "label", ce, needs_teacher=False, on_taps=False,  # its labels come from the masking, not the batch's y
                   summary="masked-LM cross-entropy on the masked positions (kdistill.encoders.MaskedLM)"))
 
 # LM token-level distillation uses the response losses above on (B, T, V) logits, chunk by chunk from hidden

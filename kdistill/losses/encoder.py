@@ -26,17 +26,8 @@ from torch import Tensor
 from kdistill.errors import WiringError
 from kdistill.losses.feature import hint
 
-__all__ = [
-    "attention_kl",
-    "attention_mse",
-    "attention_probabilities",
-    "embedding_cosine",
-    "embedding_mse",
-    "hidden_cosine",
-    "hidden_mse",
-    "self_relation",
-    "similarity_matrix",
-]
+__all__ = ["attention_kl", "attention_mse", "attention_probabilities", "embedding_cosine", "embedding_mse",
+           "hidden_cosine", "hidden_mse", "self_relation", "similarity_matrix"]
 
 # A finite stand-in for -inf on padded keys: exp() underflows to exactly 0 in float32/float64, and no inf - inf
 # (NaN) can appear in the forward or the backward pass.

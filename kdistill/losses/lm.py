@@ -1,47 +1,31 @@
 """Losses on a language model's output head, computed chunk by chunk from final hidden states.
 
-For an LLM the logits tensor is the memory hog: ``N`` tokens x ``V`` = 49152 vocabulary entries x 4 bytes is
-0.8 GB at ``N = 4096``, and a divergence keeps several such tensors (log-softmaxes, probabilities, their
-gradients). Every loss here takes the student's *final hidden states* and *output head* instead and works through
-the valid tokens ``chunk_size`` rows at a time (one autograd function, `chunked_head_loss`)::
+The logits tensor is an LLM's memory hog (``N`` tokens x ``V`` = 49152 entries x 4 bytes is 0.8 GB at
+``N = 4096``, and a divergence keeps several such tensors). Every loss here takes the student's *final hidden
+states* and *output head* instead and works through the valid tokens ``chunk_size`` rows at a time, in one
+autograd function (`chunked_head_loss`)::
 
     for each chunk c of valid rows (labels != -100):
-        z_c = cap * tanh(scale * (h_c W^T + b) / cap)                (C, V)   student logits (`head_logits`)
-        L_c = row_loss(z_c)                                                 summed loss of the chunk's rows
-        G_c = dL_c / d(h_c W^T + b)                                  (C, V)   by autograd, inside the chunk
+        z_c = cap * tanh(scale * (h_c W^T + b) / cap)      (C, V)   student logits (`head_logits`)
+        L_c = row_loss(z_c)                                        summed loss of the chunk's rows
+        G_c = dL_c / d(h_c W^T + b)                        (C, V)   by autograd, inside the chunk
         grad_h[c] = G_c W,   grad_W += G_c^T h_c,   grad_b += sum_rows G_c
-
     loss = sum_c L_c / N_valid
 
-The gradients of the hidden states, head weight and head bias are accumulated during the forward pass (memory:
-one ``(N, H)`` and one ``(V, H)`` buffer), so the backward pass only scales them by the incoming gradient: no
-``(N, V)`` tensor ever exists and no logits are recomputed. Memory is ``O(chunk_size * V + N * H + V * H)``.
+The gradients are accumulated during the forward pass, so the backward pass only scales them: no ``(N, V)``
+tensor ever exists and no logits are recomputed (memory ``O(chunk_size * V + N * H + V * H)``). Row losses:
+`token_kd_loss` (a live teacher given by its hidden states and head; its logits are formed chunk by chunk too),
+`sparse_token_kd_loss` (a top-k cache: k + 1 buckets, `kdistill.losses.sparse`), `dense_token_kd_loss` (full
+cached teacher logits) and `next_token_ce` (``-log Q(y_t)`` on the labels).
 
-The row losses:
+Divergences (``P = softmax(z_t / T)`` teacher, ``Q = softmax(z_s / T)`` student, no ``T^2``) are registry response
+losses, named for LM users by `DIVERGENCE_LOSSES`: ``forward_kl`` = kl: KL(P || Q); ``reverse_kl`` = kl with
+reverse: KL(Q || P); ``jsd`` = jsd with beta: beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q;
+``skew_kl`` = skew_kl with alpha: KL(P || alpha P + (1 - alpha) Q); ``skew_reverse_kl`` = skew_kl with alpha and
+reverse: KL(Q || alpha Q + (1 - alpha) P); ``tvd`` = tvd: 1/2 sum_v |P_v - Q_v|. A registered response loss with a
+top-k version can also be given directly (``loss=``, ``params=``).
 
-* `token_kd_loss`: a live teacher given by its hidden states and head; its logits are formed chunk by chunk too
-  (no gradient);
-* `sparse_token_kd_loss`: a top-k teacher cache (k + 1 buckets, `kdistill.losses.sparse`);
-* `dense_token_kd_loss`: a dense cache of full teacher logits;
-* `next_token_ce`: next-token cross-entropy ``-log Q(y_t)`` on the labels.
-
-Divergences (``P = softmax(z_t / T)`` teacher, ``Q = softmax(z_s / T)`` student; no ``T^2`` factor) are registry
-response losses (`kdistill.losses.registry`), named for LM users by `DIVERGENCE_LOSSES`:
-
-====================  ======================  ======================================================
-``forward_kl``         kl                      KL(P || Q)
-``reverse_kl``         kl, reverse=True        KL(Q || P)
-``jsd``                jsd, beta               beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q
-``skew_kl``            skew_kl, alpha          KL(P || alpha P + (1 - alpha) Q)
-``skew_reverse_kl``    skew_kl, alpha, reverse KL(Q || alpha Q + (1 - alpha) P)
-``tvd``                tvd                     1/2 sum_v |P_v - Q_v|
-====================  ======================  ======================================================
-
-Any registered response loss with a top-k version can also be given directly (``loss=``, ``params=``).
-
-Label alignment: the hidden state at position ``t`` predicts token ``t + 1``. `shift_labels` turns labels aligned
-with the input ids (the Hugging Face convention, ``-100`` = not a target) into labels aligned with the hidden
-states: ``shifted[:, t] = labels[:, t + 1]`` and ``shifted[:, -1] = -100``.
+Labels: the hidden state at ``t`` predicts token ``t + 1`` (`shift_labels`; ``-100`` = no target).
 """
 
 from __future__ import annotations
@@ -107,8 +91,7 @@ def row_divergence(loss: str, params: Mapping[str, Any]) -> Callable[[Tensor, An
 def _check_positive(name: str, value: Optional[float], *, allow_none: bool) -> Optional[float]:
     if value is None and allow_none:
         return None
-    v = float(value)  # type: ignore[arg-type]
-    if not math.isfinite(v) or v <= 0:
+    if not math.isfinite(v := float(value)) or v <= 0:  # type: ignore[arg-type]
         raise WiringError(f"{name} must be a finite number > 0, got {value!r}", where=_WHERE,
                           fix=f"pass a positive {name}")
     return v
@@ -132,8 +115,7 @@ def head_logits(raw: Tensor, scale: float = 1.0, softcap: Optional[float] = None
     return z
 
 
-def _sum_dtype(device: torch.device) -> torch.dtype:
-    """Accumulator of the sum over chunks: float64, except on MPS (which has none)."""
+def _sum_dtype(device: torch.device) -> torch.dtype:  # the sum over chunks: float64, except on MPS (none there)
     return torch.float32 if device.type == "mps" else torch.float64
 
 
@@ -182,19 +164,12 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 def chunked_head_loss(hidden: Tensor, head_weight: Tensor, head_bias: Optional[Tensor], row_loss: RowLoss, *,
                       chunk_size: int = DEFAULT_CHUNK_SIZE, logit_scale: float = 1.0,
                       softcap: Optional[float] = None) -> Tensor:
-    """Mean over the rows of ``hidden`` (``(N, H)``, already restricted to valid positions) of a head loss.
+    """Mean over the rows of `hidden` ``(N, H)`` (the valid positions only) of a loss on the head's logits.
 
-    Args:
-        hidden: ``(N, H)`` final hidden states of the rows that count.
-        head_weight, head_bias: the output head, ``(V, H)`` and ``(V,)`` or None.
-        row_loss: ``row_loss(logits, start, stop)`` -> the *summed* loss of rows ``[start, stop)`` given their
-            logits ``(stop - start, V)`` (float32 at least).
-        chunk_size: rows per chunk.
-        logit_scale, softcap: the model's logit transform (`head_logits`).
-
-    Returns:
-        scalar mean loss (0 attached to the graph when ``N = 0``). Calling it without gradients takes a cheaper
-        loss-only path; double backward is not supported.
+    `row_loss(logits, start, stop)` returns the *summed* loss of rows ``[start, stop)`` given their logits
+    ``(stop - start, V)`` (float32 at least, after the model's transform `logit_scale`, `softcap`: `head_logits`).
+    Returns the scalar mean (0 attached to the graph when ``N = 0``). Without gradients it takes a cheaper
+    loss-only path; double backward is not supported.
     """
     chunk_size = _check_chunk_size(chunk_size)
     if hidden.shape[0] == 0:
@@ -213,9 +188,6 @@ def chunked_head_loss(hidden: Tensor, head_weight: Tensor, head_bias: Optional[T
     return (total / hidden.shape[0]).to(torch.promote_types(hidden.dtype, torch.float32))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# labels and valid rows
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def shift_labels(labels: Tensor) -> Tensor:
@@ -238,16 +210,12 @@ def _valid(hidden: Tensor, shifted_labels: Tensor) -> tuple[Tensor, Tensor]:
     return hidden.reshape(-1, hidden.shape[-1])[mask], mask
 
 
-def _kd_fn(divergence: str, beta: float, alpha: float, temperature: float, loss: Optional[str],
-           params: Optional[Mapping[str, Any]]) -> Callable[[Tensor, Any], Tensor]:
-    if loss is None:
-        loss, params = divergence_term(divergence, beta=beta, alpha=alpha, temperature=temperature)
-    return row_divergence(loss, params or {})
+def _kd_fn(divergence, beta, alpha, temperature, loss, params) -> Callable[[Tensor, Any], Tensor]:
+    term = (loss, params or {}) if loss else divergence_term(divergence, beta=beta, alpha=alpha,
+                                                             temperature=temperature)
+    return row_divergence(*term)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# the four losses
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def next_token_ce(hidden: Tensor, head_weight: Tensor, head_bias: Optional[Tensor], shifted_labels: Tensor, *,
@@ -279,15 +247,10 @@ def sparse_token_kd_loss(hidden: Tensor, head_weight: Tensor, head_bias: Optiona
                          params: Optional[Mapping[str, Any]] = None) -> Tensor:
     """Mean per-token divergence between a top-k teacher (k + 1 buckets) and the student, from hidden states.
 
-    Args:
-        hidden: student final hidden states ``(B, T, H)``.
-        teacher: the cached teacher at the same positions: ``SparseDistribution`` with shape ``(B, T, V)``
-            (indices / log_probs ``(B, T, k)``, log_tail ``(B, T)``), at temperature `temperature`.
-        shifted_labels: ``(B, T)`` aligned with `hidden`; positions equal to -100 are skipped.
-        divergence, beta, alpha, temperature: as in `token_kd_loss`, applied to the bucket distributions
-            ``(P~, Q~)`` (`kdistill.losses.sparse`); with ``k = V`` the value equals the dense divergence.
-        loss, params: a registry response loss and its params instead of `divergence` (and beta, alpha,
-            temperature).
+    `hidden` ``(B, T, H)``: student final hidden states; `teacher`: the cached teacher at the same positions, a
+    ``SparseDistribution`` of shape ``(B, T, V)`` at temperature `temperature`; `shifted_labels` ``(B, T)``:
+    positions equal to -100 are skipped. The divergence (as in `token_kd_loss`) is taken on the bucket
+    distributions ``(P~, Q~)`` (`kdistill.losses.sparse`); with ``k = V`` it equals the dense divergence.
     """
     if not isinstance(teacher, SparseDistribution):
         raise WiringError(f"the cached teacher must be a SparseDistribution, got {type(teacher).__name__}",
@@ -353,12 +316,10 @@ def _weight_and_bias(head: HeadArg, role: str) -> tuple[Tensor, Optional[Tensor]
         raise WiringError(f"{role} head must be an nn.Linear, a weight tensor of shape (V, H) or a (weight, bias) "
                           f"pair, got {type(head).__name__}", where=f"{_WHERE}({role}_head)",
                           fix="pass model.get_output_embeddings() or its .weight (see kdistill.llm.head_parts)")
-    if weight.ndim != 2:
-        raise WiringError(f"{role} head weight must have shape (V, H), got {tuple(weight.shape)}",
+    if weight.ndim != 2 or (bias is not None and tuple(bias.shape) != (weight.shape[0],)):
+        got = f"weight {tuple(weight.shape)}" + ("" if bias is None else f", bias {tuple(bias.shape)}")
+        raise WiringError(f"{role} head must be a weight (V, H) and an optional bias (V,), got {got}",
                           where=f"{_WHERE}({role}_head)", fix="pass the output projection (vocabulary x hidden)")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise WiringError(f"{role} head bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)",
-                          where=f"{_WHERE}({role}_head)", fix="pass a bias with one entry per vocabulary row, or none")
     return weight, bias
 
 
@@ -403,21 +364,17 @@ def token_kd_loss(student_hidden: Tensor, student_head: HeadArg, teacher_hidden:
     """Mean per-token divergence between a live teacher's and the student's next-token distributions.
 
     Args:
-        student_hidden: student final (post-norm) hidden states, shape ``(B, T, H_s)`` (or any ``(..., H_s)``).
-        student_head: student output head: an ``nn.Linear`` (bias optional), its weight ``(V, H_s)`` or a
+        student_hidden, teacher_hidden: final (post-norm) hidden states ``(B, T, H_s)`` / ``(B, T, H_t)``; the
+            teacher's are detached (it is frozen).
+        student_head, teacher_head: output heads with the same ``V``: an ``nn.Linear``, a weight ``(V, H)`` or a
             ``(weight, bias)`` pair.
-        teacher_hidden: teacher final hidden states ``(B, T, H_t)``; detached (the teacher is frozen).
-        teacher_head: teacher output head, like `student_head`, same ``V`` as the student.
-        labels: ``(B, T)`` aligned with the hidden positions; positions equal to -100 are skipped (only their
-            presence matters, not the ids).
-        divergence: one of `DIVERGENCES` (equations in the module docstring); beta: JSD mixture weight of the
-            teacher in ``[0, 1]``; alpha: skew of ``skew_kl`` / ``skew_reverse_kl``; temperature: softmax
-            temperature ``T`` of both models (no ``T^2`` factor).
-        chunk_size: rows (tokens) per chunk; peak extra memory is about ``8 * chunk_size * V * 4`` bytes.
+        labels: ``(B, T)`` aligned with the hidden positions; positions equal to -100 are skipped.
+        divergence, beta, alpha, temperature: one of `DIVERGENCES` (module docstring) and its settings: JSD
+            teacher weight, skew, softmax temperature of both models (no ``T^2``); or `loss` and `params`: a
+            registry response loss and its params.
+        chunk_size: tokens per chunk; peak extra memory is about ``8 * chunk_size * V * 4`` bytes.
         student_softcap, teacher_softcap, student_logit_scale, teacher_logit_scale: each model's logit transform
             (`head_logits`; `kdistill.llm.head_parts` reads them from a Hugging Face model).
-        loss, params: a registry response loss and its params instead of `divergence` (and beta, alpha,
-            temperature).
 
     Returns:
         scalar ``sum_{valid tokens} D / N_valid`` (float32 at least); ``0`` attached to the graph when no label

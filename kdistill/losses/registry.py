@@ -11,7 +11,10 @@ A `LossSpec` says how a term of that loss is called and checked:
 * ``gating``: its teacher signal can be gated per position (the ``selective`` scheme);
 * ``same_shape``: it compares tensors element by element, so differing shapes get a learned adapter;
 * ``module``: a stateful ``nn.Module`` class (built from the first batch's widths) instead of a function;
-* ``feature``, ``min_layer``, ``default_layers``: for ``layer`` losses, which encoder feature they read.
+* ``feature``, ``min_layer``, ``default_layers``: which per-layer encoder feature a term reads and how the encoder
+  distiller pairs layers (``layer`` losses, and the ``feature`` losses that also serve layer pairs);
+* ``on_taps``: usable between a tapped student tensor and a tapped teacher tensor (the classification objective
+  of `kdistill.distiller`); False for losses that need the encoder distiller (layer pairs, masking, two views).
 
 `call_term` is the one place a functional term is called with its calling convention.
 """
@@ -42,6 +45,7 @@ class LossSpec:
     feature: Optional[str] = None
     min_layer: int = 0
     default_layers: Optional[Union[str, list]] = None
+    on_taps: bool = True
     summary: str = ""
 
     def __post_init__(self) -> None:
@@ -63,9 +67,10 @@ def register(spec: LossSpec, *aliases: str) -> LossSpec:
     return spec
 
 
-def loss_names(*kinds: str) -> list[str]:
-    """Registered names (aliases included), optionally only those of some kinds, sorted."""
-    return sorted(n for n, s in _REGISTRY.items() if not kinds or s.kind in kinds)
+def loss_names(*kinds: str, on_taps: Optional[bool] = None) -> list[str]:
+    """Registered names (aliases included), optionally only those of some kinds / usable on taps, sorted."""
+    return sorted(n for n, s in _REGISTRY.items()
+                  if (not kinds or s.kind in kinds) and (on_taps is None or s.on_taps == on_taps))
 
 
 def get_loss(name: str, *, where: str = "distill.terms", kinds: tuple[str, ...] = ()) -> LossSpec:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Optional, Sequence
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 import torch
 from pydantic import Field
@@ -23,12 +23,9 @@ from kdistill.distiller import Term
 from kdistill.errors import ConfigError
 from kdistill.evaluate import predict_logits
 from kdistill.models import build_model, resolve_factory
-from kdistill.schemes.common import SchemeJob, distill, freeze
+from kdistill.schemes.common import SchemeJob, distill, freeze, scheme_run
 from kdistill.schemes.sections import ModelConfig
 from kdistill.train_config import TrainConfig
-
-if TYPE_CHECKING:
-    from kdistill.config import RunConfig
 
 
 class AssistantScheme(Strict):
@@ -127,10 +124,9 @@ def train_chain(teacher: nn.Module, chain: Sequence[nn.Module], data, train_cfg:
     return trained
 
 
-def run(cfg: "RunConfig", run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
-        trust_checkpoint: bool = False) -> dict:
-    s = cfg.scheme
-    job = SchemeJob.start(cfg, run_dir, progress=progress, log=log, trust_checkpoint=trust_checkpoint)
+@scheme_run
+def run(job: SchemeJob) -> dict:
+    cfg, s = job.cfg, job.cfg.scheme
     terms, taps = job.terms()
     teacher = job.teacher()
     if s.assistants:
@@ -140,7 +136,7 @@ def run(cfg: "RunConfig", run_dir: Optional[Path] = None, *, progress: bool = Tr
         assistant_cfgs = geometric_assistants(cfg.student, teacher_params, job.bundle.input_shape,
                                               job.bundle.num_classes, s.num_assistants)
     for j, a in enumerate(assistant_cfgs):
-        log(f"[assistant] assistant{j + 1}: {a.name} {a.kwargs}")
+        job.log(f"[assistant] assistant{j + 1}: {a.name} {a.kwargs}")
     chain = [job.model(a, cfg.seed + 404 + j, f"scheme.assistants[{j}]") for j, a in enumerate(assistant_cfgs)]
     chain.append(job.student())
     trained = train_chain(teacher, chain, job.bundle.distill_set(), cfg.train, terms=terms, taps=taps,

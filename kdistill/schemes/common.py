@@ -1,18 +1,20 @@
 """What every scheme shares: the job (config, data, run directory), its stages, teachers, evaluation and summary.
 
 A scheme is a plan of stages. Each stage hands an objective (`kdistill.objective.Objective`: a `Distiller`, or
-an `Objective` (`kdistill.objective.SideObjective`) over a custom side: mutual peers, exits, snapshots, task
-heads, gated terms) to `kdistill.tasks.job.run_stage`: one resumable `Engine.fit` that saves
-``<stage>.safetensors`` and is loaded instead of trained on a re-run once that file exists.
+a `kdistill.objective.SideObjective` over a custom side: mutual peers, exits, snapshots, task heads) to
+`kdistill.tasks.job.run_stage`: one resumable `Engine.fit` that saves ``<stage>.safetensors`` and is loaded
+instead of trained on a re-run once that file exists.
 
-`SchemeJob` is what a scheme's ``run(cfg, run_dir)`` works with: `SchemeJob.start` claims the run directory
-(`kdistill.tasks.job.RunDir`) and loads the data; its methods build models with fixed init seeds, run stages,
-give the configured teacher (loaded, or trained as a stage), evaluate, and write the summary atomically. The
-functions below it (`train_ce`, `distill`, ...) are the same steps over plain models and data, for Python use.
+`SchemeJob` is what a scheme's plan works with (`scheme_run` turns ``plan(job)`` into the scheme's
+``run(cfg, run_dir, ...)``): `SchemeJob.start` claims the run directory (`kdistill.tasks.job.RunDir`) and loads
+the data; its methods build models with fixed init seeds, run stages, give the configured teacher (loaded, or
+trained as a stage), evaluate, and write the summary atomically. The functions above it (`train_ce`, `distill`,
+...) are the same steps over plain models and data, for Python use.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
@@ -24,7 +26,6 @@ from kdistill.distiller import Distiller, Term, split_taps, terms_from_config
 from kdistill.evaluate import accuracy, agreement, cost_report, expected_calibration_error, predict_logits
 from kdistill.models import build_model
 from kdistill.models.loading import load_into, load_state_dict_file
-from kdistill.objective import SchemeSide, SideObjective as Objective  # noqa: F401  (the schemes' base)
 from kdistill.outputs import call_model, logits_of
 from kdistill.seeding import seeded_build
 from kdistill.tasks import dump_config, load_resolved
@@ -201,6 +202,18 @@ class SchemeJob:
         summary = {"scheme": self.cfg.scheme.name, "dataset": self.bundle.name, **extra, "models": models}
         self.run_dir.write_summary(summary)
         return summary
+
+
+def scheme_run(plan: Callable[[SchemeJob], dict]) -> Callable[..., dict]:
+    """A scheme's ``run(cfg, run_dir=None, *, progress, log, trust_checkpoint) -> summary`` from its plan over the
+    started `SchemeJob` (`trust_checkpoint` allows full unpickling of .pt/.pth teacher weights: trusted only)."""
+
+    @functools.wraps(plan)
+    def run(cfg: "RunConfig", run_dir=None, *, progress: bool = True, log=print,
+            trust_checkpoint: bool = False) -> dict:
+        return plan(SchemeJob.start(cfg, run_dir, progress=progress, log=log, trust_checkpoint=trust_checkpoint))
+
+    return run
 
 
 # -- small shared modules ------------------------------------------------------------------------------------------

@@ -16,8 +16,7 @@ student view alone).
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Literal, Optional
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +25,7 @@ from kdistill.configbase import Strict
 from kdistill.data import ArrayDataset
 from kdistill.errors import ConfigError
 from kdistill.evaluate import predict_logits
-from kdistill.schemes.common import SchemeJob
-
-if TYPE_CHECKING:
-    from kdistill.config import RunConfig
+from kdistill.schemes.common import SchemeJob, scheme_run
 
 
 class CrossModalScheme(Strict):
@@ -107,16 +103,15 @@ def single_view(paired: ArrayDataset, key: str) -> ArrayDataset:
     return ArrayDataset(rows, f"{paired.name}-{key}")
 
 
-def run(cfg: "RunConfig", run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
-        trust_checkpoint: bool = False) -> dict:
-    s = cfg.scheme
-    job = SchemeJob.start(cfg, run_dir, progress=progress, log=log, trust_checkpoint=trust_checkpoint)
+@scheme_run
+def run(job: SchemeJob) -> dict:
+    cfg, s = job.cfg, job.cfg.scheme
     train = paired_views(job.bundle.distill_set(), s.teacher_view, s.student_view, seed=cfg.seed + 11)
     labelled = paired_views(job.bundle.train, s.teacher_view, s.student_view, seed=cfg.seed + 11)
     test = paired_views(job.bundle.test, s.teacher_view, s.student_view, seed=cfg.seed + 12)
     teacher_shape = tuple(train.tensors["teacher_x"].shape[1:])
     student_shape = tuple(train.tensors["student_x"].shape[1:])
-    log(f"[cross_modal] teacher view {s.teacher_view!r} {teacher_shape}, student view {s.student_view!r} "
+    job.log(f"[cross_modal] teacher view {s.teacher_view!r} {teacher_shape}, student view {s.student_view!r} "
         f"{student_shape}")
     teacher = job.teacher(data=single_view(labelled, "teacher_x"), input_shape=teacher_shape)
     student = job.distill("student", job.student(input_shape=student_shape), teacher, train, seed=cfg.seed + 3)

@@ -17,7 +17,7 @@ multi-head, task-aware setting of LwF: old-task accuracy is the argmax over the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 from pydantic import Field, model_validator
@@ -28,13 +28,11 @@ from kdistill.data import ArrayDataset
 from kdistill.errors import ConfigError, WiringError
 from kdistill.evaluate import accuracy, predict_logits
 from kdistill.losses import ce, kl
+from kdistill.objective import SchemeSide, SideObjective
 from kdistill.outputs import call_model, logits_of
-from kdistill.schemes.common import Objective, SchemeJob, SchemeSide, freeze
+from kdistill.schemes.common import SchemeJob, freeze, scheme_run
 from kdistill.tasks.job import run_stage
 from kdistill.train_config import TrainConfig
-
-if TYPE_CHECKING:
-    from kdistill.config import RunConfig
 
 
 class LifelongScheme(Strict):
@@ -115,7 +113,7 @@ def learn_task(model: nn.Module, data: ArrayDataset, task_classes: Sequence[int]
     if keep_classes and old_model is None:
         raise WiringError("keep_classes needs the old model", fix="pass old_model=")
     side = TaskSide(model, task_classes, keep_classes if old_model is not None else (), lwf_weight, temperature)
-    objective = Objective(side, freeze(old_model) if old_model is not None else None)
+    objective = SideObjective(side, freeze(old_model) if old_model is not None else None)
     return run_stage(stage, objective, data, train_cfg, seed=seed, run_dir=run_dir, progress=progress, log=log)[0]
 
 
@@ -163,10 +161,9 @@ def lifelong(make_model, bundle, old_classes: Sequence[int], new_classes: Sequen
     return result
 
 
-def run(cfg: "RunConfig", run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
-        trust_checkpoint: bool = False) -> dict:
-    s = cfg.scheme
-    job = SchemeJob.start(cfg, run_dir, progress=progress, log=log, trust_checkpoint=trust_checkpoint)
+@scheme_run
+def run(job: SchemeJob) -> dict:
+    cfg, s = job.cfg, job.cfg.scheme
     classes = job.bundle.num_classes
     for c in s.old_classes + s.new_classes:
         if not 0 <= c < classes:

@@ -20,8 +20,7 @@ With teacher k's logits z_k, its softened prediction P_k = softmax(z_k / T) and 
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Optional, Sequence, get_args
+from typing import Any, Literal, Mapping, Optional, Sequence, get_args
 
 import torch
 from pydantic import Field, model_validator
@@ -31,13 +30,11 @@ from kdistill.configbase import Strict
 from kdistill.distiller import Term
 from kdistill.errors import WiringError
 from kdistill.evaluate import predict_logits
+from kdistill.losses import get_loss
 from kdistill.outputs import LOGITS
-from kdistill.schemes.common import SchemeJob
+from kdistill.schemes.common import SchemeJob, scheme_run
 from kdistill.schemes.sections import TeacherConfig
 from kdistill.teachers.live import LiveTeacher
-
-if TYPE_CHECKING:
-    from kdistill.config import RunConfig
 
 Combine = Literal["mean", "weights", "agreement"]
 
@@ -141,7 +138,7 @@ class MultiTeacher:
 def kd_temperature(terms: Sequence[Term]) -> float:
     """The temperature of the first logit term that has one (1.0 if none): where the teachers are combined."""
     for term in terms:
-        if term.loss != "ce" and term.teacher == LOGITS and "temperature" in term.params:
+        if get_loss(term.loss).needs_teacher and term.teacher == LOGITS and "temperature" in term.params:
             return float(term.params["temperature"])
     return 1.0
 
@@ -158,12 +155,11 @@ class _CombinedModel(nn.Module):
         return self.teacher({"x": x})[LOGITS] / self.teacher.temperature
 
 
-def run(cfg: "RunConfig", run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
-        trust_checkpoint: bool = False) -> dict:
-    scheme = cfg.scheme
-    job = SchemeJob.start(cfg, run_dir, progress=progress, log=log, trust_checkpoint=trust_checkpoint)
+@scheme_run
+def run(job: SchemeJob) -> dict:
+    cfg, scheme = job.cfg, job.cfg.scheme
     terms, _ = job.terms()
-    if any(t.teacher != LOGITS for t in terms if t.loss != "ce"):
+    if any(t.teacher != LOGITS for t in terms if get_loss(t.loss).needs_teacher):
         raise WiringError("multi-teacher terms can read only the combined 'logits' of the teachers",
                           where="distill.terms", fix="drop teacher taps from the terms")
     teachers = [job.teacher(tc, seed=cfg.seed + 1000 * (k + 1), stage=f"teacher{k}", where=f"scheme.teachers[{k}]")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Optional, Sequence, Union
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 from pydantic import Field, field_validator
@@ -25,14 +25,12 @@ from kdistill.configbase import Strict
 from kdistill.errors import WiringError
 from kdistill.evaluate import predict_logits
 from kdistill.losses import ce, kd
+from kdistill.objective import SchemeSide, SideObjective
 from kdistill.outputs import call_model, logits_of
-from kdistill.schemes.common import Objective, ProbabilityEnsemble, SchemeJob, SchemeSide
+from kdistill.schemes.common import ProbabilityEnsemble, SchemeJob, scheme_run
 from kdistill.schemes.sections import ModelConfig
 from kdistill.tasks.job import run_stage
 from kdistill.train_config import TrainConfig
-
-if TYPE_CHECKING:
-    from kdistill.config import RunConfig
 
 
 class MutualScheme(Strict):
@@ -102,7 +100,7 @@ class MutualSide(SchemeSide):
         return ensemble, terms
 
 
-class MutualObjective(Objective):
+class MutualObjective(SideObjective):
     def __init__(self, peers: Sequence[nn.Module], temperature: float = 1.0, kl_weight: float = 1.0):
         super().__init__(MutualSide(peers, temperature, kl_weight))
 
@@ -120,10 +118,9 @@ def train_mutual(peers: Sequence[nn.Module], data, train_cfg: TrainConfig, *, te
                      side_weights=True)[0]
 
 
-def run(cfg: "RunConfig", run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
-        trust_checkpoint: bool = False) -> dict:
-    scheme = cfg.scheme
-    job = SchemeJob.start(cfg, run_dir, progress=progress, log=log, trust_checkpoint=trust_checkpoint)
+@scheme_run
+def run(job: SchemeJob) -> dict:
+    cfg, scheme = job.cfg, job.cfg.scheme
     peer_cfgs = [cfg.student] * scheme.peers if isinstance(scheme.peers, int) else list(scheme.peers)
     peers = [job.model(pc, cfg.seed + 202 + 17 * k, f"scheme.peers[{k}]") for k, pc in enumerate(peer_cfgs)]
     ensemble = train_mutual(peers, job.bundle.train, cfg.train, temperature=scheme.temperature,

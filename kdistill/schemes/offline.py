@@ -23,8 +23,9 @@ from kdistill.distiller import Distiller, Term, split_taps
 from kdistill.errors import ConfigError
 from kdistill.evaluate import predict_logits
 from kdistill.models.loading import load_into, load_state_dict_file
-from kdistill.schemes.common import TEACHER_SEED, SchemeJob, config_terms, load_configured_weights
+from kdistill.schemes.common import TEACHER_SEED, SchemeJob, config_terms, load_configured_weights, scheme_run
 from kdistill.taps import Taps
+from kdistill.teachers.live import freeze
 
 if TYPE_CHECKING:
     from kdistill.config import RunConfig
@@ -36,14 +37,13 @@ class OfflineScheme(Strict):
     name: Literal["offline"] = "offline"
 
 
-def run(cfg: "RunConfig", run_dir: Optional[Path], *, progress: bool = True, log=print,
-        trust_checkpoint: bool = False) -> dict:
+@scheme_run
+def run(job: SchemeJob) -> dict:
     """The offline KD job of a config: teacher (trained or loaded), baseline, KD student, evaluation.
 
     Every stage's wiring is checked on one batch before the first stage trains (`kdistill.wiring.preflight`).
-    `trust_checkpoint` allows full unpickling of a .pt/.pth `teacher.weights` (arbitrary code: trusted files only).
     """
-    job = SchemeJob.start(cfg, run_dir, progress=progress, log=log, trust_checkpoint=trust_checkpoint)
+    cfg = job.cfg
     terms, taps = job.terms()
     student_taps, teacher_taps = split_taps(terms, taps)
     if cfg.teacher.cache is not None:  # a top-k cache that cannot serve the terms is refused before any training
@@ -55,7 +55,7 @@ def run(cfg: "RunConfig", run_dir: Optional[Path], *, progress: bool = True, log
     Taps(teacher, teacher_taps)
     Taps(job.student(), student_taps)
     if cfg.teacher.weights:
-        load_configured_weights(teacher, cfg.teacher, "teacher", trust=trust_checkpoint)
+        load_configured_weights(teacher, cfg.teacher, "teacher", trust=job.trust_checkpoint)
     _preflight(job, teacher if cfg.teacher.weights else None, terms, student_taps, teacher_taps)
     teacher = _teacher(job, teacher)
 
@@ -68,7 +68,7 @@ def run(cfg: "RunConfig", run_dir: Optional[Path], *, progress: bool = True, log
     if cfg.teacher.cache is not None and not (job.run_dir and job.run_dir.file("student.safetensors").is_file()):
         # build the cache if missing, continue a partial one, reuse a valid one, refuse a stale one
         student_teacher = teacher_cache(cfg, job.run_dir.path, teacher, teacher_taps, terms, student_data,
-                                        progress=progress, log=log) or teacher
+                                        progress=job.progress, log=job.log) or teacher
     student = job.distill("student", job.student(), student_teacher, student_data, seed=cfg.seed + 3,
                           eval_fn=job.accuracy_eval(cfg.train))
     summary = summarize(teacher, student, baseline, job)
@@ -80,11 +80,12 @@ def _teacher_model(job: SchemeJob) -> nn.Module:
     return job.model(job.cfg.teacher, job.cfg.seed + TEACHER_SEED, "teacher")
 
 
-def _teacher(job: SchemeJob, model: nn.Module) -> nn.Module:
-    """The stage ``teacher`` on the (augmented) labelled data; a teacher with weights is only frozen."""
+def _teacher(job: SchemeJob, model: Optional[nn.Module] = None) -> nn.Module:
+    """The frozen teacher: its configured weights (a `model` given here has them loaded already), or the stage
+    ``teacher`` on the (augmented) labelled data."""
     cfg = job.cfg
-    if cfg.teacher.weights:  # loaded already
-        return model.eval()
+    if model is not None and cfg.teacher.weights:
+        return freeze(model)
     return job.teacher(model=model, data=maybe_augment(job.bundle.train, cfg.data.augment, cfg.seed),
                        eval_fn=job.accuracy_eval(cfg.teacher.train or cfg.train))
 
@@ -113,10 +114,7 @@ def build_teacher_cache(cfg: "RunConfig", run_dir: Path, *, rebuild: bool = Fals
     terms = config_terms(cfg)[0]
     cache_spec(cfg.teacher.cache, terms)  # refuse a top-k cache that cannot serve the terms before any training
     job = SchemeJob.start(cfg, Path(run_dir), progress=progress, log=log, trust_checkpoint=trust_checkpoint)
-    teacher = _teacher_model(job)
-    if cfg.teacher.weights:
-        load_configured_weights(teacher, cfg.teacher, "teacher", trust=trust_checkpoint)
-    teacher = _teacher(job, teacher)
+    teacher = _teacher(job)
     _, teacher_taps = split_taps(terms, cfg.distill.taps)
     data = maybe_augment(job.bundle.distill_set(), cfg.data.augment, cfg.seed)
     return teacher_cache(cfg, job.run_dir.path, teacher, teacher_taps, terms, data, rebuild=rebuild,

@@ -19,8 +19,7 @@ on taps are never gated.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Optional, Sequence, get_args
+from typing import Any, Literal, Mapping, Optional, Sequence, get_args
 
 import torch
 from pydantic import Field
@@ -30,12 +29,9 @@ from kdistill.configbase import Strict
 from kdistill.distiller import Distiller, StudentSide, Term, split_taps
 from kdistill.errors import WiringError
 from kdistill.evaluate import predict_logits
-from kdistill.losses import get_loss, loss_names
+from kdistill.losses import call_term, get_loss, loss_names
 from kdistill.outputs import LOGITS
-from kdistill.schemes.common import SchemeJob
-
-if TYPE_CHECKING:
-    from kdistill.config import RunConfig
+from kdistill.schemes.common import SchemeJob, scheme_run
 
 Divergence = Literal["kl", "top1"]
 DIVERGENCES = get_args(Divergence)
@@ -110,7 +106,7 @@ class SelectiveSide(StudentSide):
     def value_of(self, term: Term, spec, student: Any, teacher: Any, labels: Optional[torch.Tensor]):
         if term.name not in self.gated:
             return super().value_of(term, spec, student, teacher, labels)
-        per_position = spec.fn(student, teacher, **{**term.params, "reduction": "none"})
+        per_position = call_term(spec, student, teacher, labels, {**term.params, "reduction": "none"})
         return torch.where(self._select, per_position, per_position.new_zeros(())).sum() \
             / self._valid.sum().clamp_min(1).to(per_position.dtype)
 
@@ -149,10 +145,9 @@ class SelectiveDistiller(Distiller):
         self.module = self.side
 
 
-def run(cfg: "RunConfig", run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
-        trust_checkpoint: bool = False) -> dict:
-    s = cfg.scheme
-    job = SchemeJob.start(cfg, run_dir, progress=progress, log=log, trust_checkpoint=trust_checkpoint)
+@scheme_run
+def run(job: SchemeJob) -> dict:
+    cfg, s = job.cfg, job.cfg.scheme
     terms, taps = job.terms()
     teacher = job.teacher()
     student_taps, teacher_taps = split_taps(terms, taps)

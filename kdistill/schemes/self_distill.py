@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Literal, Mapping, Optional, Sequence
+from typing import Callable, Literal, Mapping, Optional, Sequence
 
 import torch
 from pydantic import Field
@@ -29,14 +29,12 @@ from kdistill.distiller import Term
 from kdistill.errors import WiringError
 from kdistill.evaluate import predict_logits
 from kdistill.losses import ce, kd
+from kdistill.objective import SchemeSide, SideObjective
 from kdistill.outputs import call_model, logits_of
-from kdistill.schemes.common import Objective, ProbabilityEnsemble, SchemeJob, SchemeSide, distill, freeze, train_ce
+from kdistill.schemes.common import ProbabilityEnsemble, SchemeJob, distill, freeze, scheme_run, train_ce
 from kdistill.taps import Taps
 from kdistill.tasks.job import run_stage
 from kdistill.train_config import TrainConfig
-
-if TYPE_CHECKING:
-    from kdistill.config import RunConfig
 
 
 class BornAgainScheme(Strict):
@@ -94,9 +92,9 @@ def born_again(make_model: Callable[[int], nn.Module], data, train_cfg: TrainCon
     return gens
 
 
-def run_born_again(cfg: "RunConfig", run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
-                   trust_checkpoint: bool = False) -> dict:
-    job = SchemeJob.start(cfg, run_dir, progress=progress, log=log, trust_checkpoint=trust_checkpoint)
+@scheme_run
+def run_born_again(job: SchemeJob) -> dict:
+    cfg = job.cfg
     terms, taps = job.terms()
     gens = born_again(lambda k: job.student(31 * k), job.bundle.train, cfg.train, generations=cfg.scheme.generations,
                       terms=terms, taps=taps, distill_data=job.bundle.distill_set(), seed=cfg.seed + 3,
@@ -199,7 +197,7 @@ class ExitModel(nn.Module):
         return self.head(feature)
 
 
-class ByotObjective(Objective):
+class ByotObjective(SideObjective):
     def __init__(self, student: nn.Module, exits: Mapping[str, str], **options):
         super().__init__(ByotSide(student, exits, **options))
 
@@ -218,10 +216,9 @@ def train_byot(student: nn.Module, exits: Mapping[str, str], data, train_cfg: Tr
     return student, objective.exit_models()
 
 
-def run_byot(cfg: "RunConfig", run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
-             trust_checkpoint: bool = False) -> dict:
-    s = cfg.scheme
-    job = SchemeJob.start(cfg, run_dir, progress=progress, log=log, trust_checkpoint=trust_checkpoint)
+@scheme_run
+def run_byot(job: SchemeJob) -> dict:
+    cfg, s = job.cfg, job.cfg.scheme
     student, exit_models = train_byot(job.student(), s.exits, job.bundle.train, cfg.train, alpha=s.alpha,
                                       temperature=s.temperature, pool=s.pool, hidden=s.hidden, seed=cfg.seed + 3,
                                       **job.stage_options)
@@ -280,7 +277,7 @@ class SnapshotSide(SchemeSide):
         return out, terms
 
 
-class SnapshotObjective(Objective):
+class SnapshotObjective(SideObjective):
     def __init__(self, student: nn.Module, num_samples: int, train_cfg: TrainConfig, alpha: float = 0.8):
         steps_per_epoch = num_samples // train_cfg.batch_size
         super().__init__(SnapshotSide(student, num_samples, steps_per_epoch, train_cfg.steps, alpha))
@@ -297,9 +294,9 @@ def train_snapshot(student: nn.Module, data, train_cfg: TrainConfig, *, alpha: f
     return _self_stage(stage, objective, data, train_cfg, seed=seed, run_dir=run_dir, progress=progress, log=log)
 
 
-def run_snapshot(cfg: "RunConfig", run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
-                 trust_checkpoint: bool = False) -> dict:
-    job = SchemeJob.start(cfg, run_dir, progress=progress, log=log, trust_checkpoint=trust_checkpoint)
+@scheme_run
+def run_snapshot(job: SchemeJob) -> dict:
+    cfg = job.cfg
     student = train_snapshot(job.student(), job.bundle.train, cfg.train, alpha=cfg.scheme.alpha, seed=cfg.seed + 3,
                              **job.stage_options)
     models = {}

@@ -21,8 +21,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 from pydantic import Field
@@ -33,12 +32,9 @@ from kdistill.data import ArrayDataset
 from kdistill.errors import ConfigError, WiringError
 from kdistill.evaluate import accuracy, predict_logits
 from kdistill.outputs import call_model, logits_of
-from kdistill.schemes.common import SchemeJob, freeze, train_ce
+from kdistill.schemes.common import SchemeJob, freeze, scheme_run, train_ce
 from kdistill.schemes.sections import ModelConfig
 from kdistill.train_config import TrainConfig
-
-if TYPE_CHECKING:
-    from kdistill.config import RunConfig
 
 
 class SpecialistsScheme(Strict):
@@ -175,16 +171,15 @@ def copy_matching(source: nn.Module, target: nn.Module) -> int:
     return len(take)
 
 
-def run(cfg: "RunConfig", run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
-        trust_checkpoint: bool = False) -> dict:
-    s = cfg.scheme
-    job = SchemeJob.start(cfg, run_dir, progress=progress, log=log, trust_checkpoint=trust_checkpoint)
+@scheme_run
+def run(job: SchemeJob) -> dict:
+    cfg, s = job.cfg, job.cfg.scheme
     bundle = job.bundle
     generalist = job.teacher()
     train_logits = predict_logits(generalist, bundle.train)
     confusion = soft_confusion(train_logits, bundle.train.tensors["y"], bundle.num_classes)
     groups = confusable_groups(confusion, s.num_specialists, s.group_size)
-    log(f"[specialists] confusable groups: {groups}")
+    job.log(f"[specialists] confusable groups: {groups}")
     spec_cfg = s.specialist or cfg.teacher
     spec_train = s.specialist_train or cfg.teacher.train or cfg.train
     specialists = []
