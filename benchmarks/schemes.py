@@ -24,6 +24,10 @@ Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/schemes.py --json benchmarks/results/schemes.json
     OMP_NUM_THREADS=1 python benchmarks/schemes.py --quick --json /tmp/schemes_quick.json
+    OMP_NUM_THREADS=1 python benchmarks/schemes.py --only multi --json benchmarks/results/schemes_multi_teacher.json
+
+``--only GROUP[,GROUP]`` runs the teacher, ``scratch`` and the named groups' rows (kd, dml, born_again, multi,
+takd, lwf); the JSON is rewritten after every seed (partial results survive a kill).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,6 +65,9 @@ GOOD_MLP = ModelConfig(name="mlp", kwargs={"hidden": [512, 512]})
 BAD_MLP = ModelConfig(name="mlp", kwargs={"hidden": [256, 256]})
 TINY = ModelConfig(name="mlp", kwargs={"hidden": [16]})
 ALPHA, TEMPERATURE = 0.9, 4.0
+GROUPS = {"kd": ["kd"], "dml": ["dml_peer", "dml_ensemble"],
+          "born_again": ["born_again_1", "born_again_2", "born_again_3"], "multi": ["multi_mean", "multi_agreement"],
+          "takd": ["takd", "direct_kd"], "lwf": ["lwf_old", "finetune_old"]}
 
 
 def builder(model_cfg: ModelConfig, init_seed: int):
@@ -73,7 +81,8 @@ def shuffled_labels(data: ArrayDataset, seed: int) -> ArrayDataset:
     return ArrayDataset({"x": data.tensors["x"], "y": y}, "mnist1d-shuffled-labels")
 
 
-def one_seed(seed: int, bundle, teacher_cfg: TrainConfig, student_cfg: TrainConfig, log) -> tuple[dict, dict]:
+def one_seed(seed: int, bundle, teacher_cfg: TrainConfig, student_cfg: TrainConfig, log,
+             groups=tuple(GROUPS)) -> tuple[dict, dict]:
     train, test = bundle.train, bundle.test
     terms = terms_from_config(DistillConfig(alpha=ALPHA, temperature=TEMPERATURE).resolved_terms())
     acc = lambda m: top1_accuracy(m, test)  # noqa: E731
@@ -93,9 +102,27 @@ def one_seed(seed: int, bundle, teacher_cfg: TrainConfig, student_cfg: TrainConf
     scratch = timed("scratch", lambda: train_ce("scratch", builder(STUDENT, base + 2)(), train, student_cfg,
                                                 seed=base + 2))
     rows["scratch"] = acc(scratch)
-    kd = timed("kd", lambda: distill("kd", builder(STUDENT, base + 2)(), teacher, train, student_cfg, seed=base + 2,
-                                     terms=terms))
-    rows["kd"] = acc(kd)
+    if "kd" in groups:
+        kd = timed("kd", lambda: distill("kd", builder(STUDENT, base + 2)(), teacher, train, student_cfg, seed=base + 2,
+                                         terms=terms))
+        rows["kd"] = acc(kd)
+    if "dml" in groups:
+        _dml(rows, context, seed, base, train, student_cfg, acc, timed)
+    if "born_again" in groups:
+        gens = timed("born-again", lambda: born_again(lambda k: builder(STUDENT, base + 10 + k)(), train, student_cfg,
+                                                      generations=3, terms=terms, gen0=scratch, seed=base + 10))
+        for k in (1, 2, 3):
+            rows[f"born_again_{k}"] = acc(gens[k])
+    if "multi" in groups:
+        _multi(rows, context, teacher, base, train, teacher_cfg, student_cfg, terms, acc, timed)
+    if "takd" in groups:
+        _takd(rows, context, teacher, base, train, student_cfg, terms, acc, timed)
+    if "lwf" in groups:
+        _lwf(rows, context, base, bundle, student_cfg, timed)
+    return rows, context
+
+
+def _dml(rows, context, seed, base, train, student_cfg, acc, timed) -> None:
 
     ensemble = timed("dml", lambda: train_mutual([builder(STUDENT, base + 3)(), builder(STUDENT, base + 4)()], train,
                                                  student_cfg, temperature=1.0, seed=base + 3))
@@ -104,11 +131,8 @@ def one_seed(seed: int, bundle, teacher_cfg: TrainConfig, student_cfg: TrainConf
     context["dml_peers"] = peers
     rows["dml_ensemble"] = acc(ensemble)
 
-    gens = timed("born-again", lambda: born_again(lambda k: builder(STUDENT, base + 10 + k)(), train, student_cfg,
-                                                  generations=3, terms=terms, gen0=scratch, seed=base + 10))
-    for k in (1, 2, 3):
-        rows[f"born_again_{k}"] = acc(gens[k])
 
+def _multi(rows, context, teacher, base, train, teacher_cfg, student_cfg, terms, acc, timed) -> None:
     good_mlp = timed("teacher mlp", lambda: freeze(train_ce("teacher_mlp", builder(GOOD_MLP, base + 5)(), train,
                                                             teacher_cfg, seed=base + 5)))
     bad = timed("bad teacher", lambda: freeze(train_ce("teacher_bad", builder(BAD_MLP, base + 6)(),
@@ -124,6 +148,8 @@ def one_seed(seed: int, bundle, teacher_cfg: TrainConfig, student_cfg: TrainConf
             weights = multi({"x": train.tensors["x"]})["teacher_weights"].mean(0)
             context["agreement_mean_weights_train"] = [float(w) for w in weights]
 
+
+def _takd(rows, context, teacher, base, train, student_cfg, terms, acc, timed) -> None:
     teacher_params = sum(p.numel() for p in teacher.parameters())
     (assistant_cfg,) = geometric_assistants(TINY, teacher_params, (40,), 10, count=1)
     context["takd_assistant"] = assistant_cfg.kwargs
@@ -138,6 +164,8 @@ def one_seed(seed: int, bundle, teacher_cfg: TrainConfig, student_cfg: TrainConf
                                                   seed=base + 8))
     context["tiny_scratch"] = acc(tiny)
 
+
+def _lwf(rows, context, base, bundle, student_cfg, timed) -> None:
     old, new = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
     result = timed("lifelong", lambda: lifelong(builder(STUDENT, base + 9), bundle, old, new, student_cfg,
                                                 old_train=student_cfg, seed=base + 9))
@@ -146,35 +174,26 @@ def one_seed(seed: int, bundle, teacher_cfg: TrainConfig, student_cfg: TrainConf
     context["old_task_before"] = result["old"]["old_task"]
     context["lwf_new"] = result["lwf"]["new_task"]
     context["finetune_new"] = result["finetune"]["new_task"]
-    return rows, context
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--json", required=True, help="write the results here")
-    parser.add_argument("--quick", action="store_true", help="2 seeds, short runs (a smoke test, not a result)")
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; quick: 2)")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    seeds = list(range(args.seeds or (2 if args.quick else 3)))
-    teacher_steps, student_steps = (300, 500) if args.quick else (1500, 3000)
-    common = dict(batch_size=128, lr=3e-3, schedule="onecycle", log_every=100)
-    teacher_cfg = TrainConfig(steps=teacher_steps, **common)
-    student_cfg = TrainConfig(steps=student_steps, **common)
-    bundle = mnist1d()
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    t0 = time.perf_counter()
-    per_seed, contexts = [], []
-    for seed in seeds:
-        rows, context = one_seed(seed, bundle, teacher_cfg, student_cfg, log)
-        per_seed.append(rows)
-        contexts.append(context)
+def git_revision() -> str:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev.stdout.strip() + ("+uncommitted" if dirty.strip() else "")
+
+
+def summarize(per_seed: list[dict], contexts: list[dict]) -> tuple[list[dict], dict]:
+    """Rows (mean, std, per-seed values) in ROW_ORDER for the rows that ran, and the context's summary."""
     out_rows = []
-    for name in ROW_ORDER:
+    for name in [n for n in ROW_ORDER if n in per_seed[0]]:
         values = [r[name] for r in per_seed]
         mean, std = mean_std(values)
         row = {"scheme": name, "top1_mean": mean, "top1_std": std, "n_seeds": len(values), "values": values}
@@ -189,17 +208,49 @@ def main() -> None:
             context_summary[key] = {"mean": m, "std": s, "values": vals}
         else:
             context_summary[key] = vals
-    seconds = time.perf_counter() - t0
-    result = {
-        "command": "OMP_NUM_THREADS=1 python benchmarks/schemes.py" + (" --quick" if args.quick else "")
-                   + (f" --seeds {args.seeds}" if args.seeds else "") + f" --json {args.json}",
-        "dataset": "mnist1d (4000 train / 1000 test)", "seeds": seeds, "teacher_steps": teacher_steps,
-        "student_steps": student_steps, "batch_size": 128, "kd": {"alpha": ALPHA, "temperature": TEMPERATURE},
-        "rows": out_rows, "context": context_summary, "seconds": seconds, "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "machine": platform.machine(),
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2))
+    return out_rows, context_summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", required=True, help="write the results here")
+    parser.add_argument("--quick", action="store_true", help="2 seeds, short runs (a smoke test, not a result)")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; quick: 2)")
+    parser.add_argument("--only", default=None, help=f"comma-separated groups of rows: {', '.join(GROUPS)}")
+    args = parser.parse_args()
+    groups = tuple(GROUPS) if args.only is None else tuple(g.strip() for g in args.only.split(","))
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        parser.error(f"unknown groups {unknown}; choose from {', '.join(GROUPS)}")
+    torch.set_num_threads(1)
+    seeds = list(range(args.seeds or (2 if args.quick else 3)))
+    teacher_steps, student_steps = (300, 500) if args.quick else (1500, 3000)
+    common = dict(batch_size=128, lr=3e-3, schedule="onecycle", log_every=100)
+    teacher_cfg = TrainConfig(steps=teacher_steps, **common)
+    student_cfg = TrainConfig(steps=student_steps, **common)
+    bundle = mnist1d()
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    command = ("OMP_NUM_THREADS=1 python benchmarks/schemes.py" + (" --quick" if args.quick else "")
+               + (f" --seeds {args.seeds}" if args.seeds else "") + (f" --only {args.only}" if args.only else "")
+               + f" --json {args.json}")
+    t0 = time.perf_counter()
+    per_seed, contexts = [], []
+    for seed in seeds:
+        rows, context = one_seed(seed, bundle, teacher_cfg, student_cfg, log, groups)
+        per_seed.append(rows)
+        contexts.append(context)
+        out_rows, context_summary = summarize(per_seed, contexts)
+        seconds = time.perf_counter() - t0
+        result = {
+            "command": command, "git_revision": git_revision(), "complete": len(per_seed) == len(seeds),
+            "dataset": "mnist1d (4000 train / 1000 test)", "seeds": seeds[:len(per_seed)],
+            "teacher_steps": teacher_steps, "student_steps": student_steps, "batch_size": 128,
+            "kd": {"alpha": ALPHA, "temperature": TEMPERATURE}, "rows": out_rows, "context": context_summary,
+            "seconds": seconds, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"{'scheme':<16} {'top-1 % (mean +- std)':>22}  per seed")
     for row in out_rows:
         vals = " ".join(f"{100 * v:.1f}" for v in row["values"])

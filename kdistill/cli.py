@@ -72,6 +72,11 @@ def _run_task(task, cfg, out: Path, progress: bool, **options) -> dict:
     return summary
 
 
+FRESH_HELP = "start the run over in an existing run directory (its weights, checkpoints and metrics are deleted)"
+RESTART_HELP = ("retrain STAGE (e.g. student) and every stage trained after it under this config, keeping the earlier "
+                "stages' weights; use it after changing training settings such as train.steps")
+WEAK_HELP = ("what to do when the teacher scores at chance level on the test set: 'warn' (default) or 'refuse' "
+             "(exit 2 before any student stage)")
 SET_HELP = ("override a config field: --set train.steps=200 --set distill.temperature=4 (dotted path, value "
             "parsed as YAML; repeatable); the run directory's config.yaml records the result")
 
@@ -101,13 +106,29 @@ def run_cmd(config: Path = typer.Argument(..., help="a YAML config, or a run dir
             out: Optional[Path] = typer.Option(None, "--out", help="run directory (default: runs/<config name>)"),
             overrides: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
             progress: bool = typer.Option(True, "--progress/--no-progress"),
-            trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP)) -> None:
+            trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
+            fresh: bool = typer.Option(False, "--fresh", help=FRESH_HELP),
+            restart_stage: Optional[str] = typer.Option(None, "--restart-stage", metavar="STAGE",
+                                                        help=RESTART_HELP),
+            weak_teacher: str = typer.Option("warn", "--weak-teacher", metavar="warn|refuse", help=WEAK_HELP)
+            ) -> None:
     """Run the job of a config file (any task); re-running on an existing run directory resumes it."""
     from kdistill.tasks import load_any
 
     path, run_dir = _config_path(config, out)
     task, cfg = load_any(path, overrides or [])
     options = {"trust_checkpoint": trust_checkpoint} if trust_checkpoint else {}
+    if weak_teacher != "warn":
+        if weak_teacher != "refuse" or task.name != "classification":
+            raise KDError(f"--weak-teacher {weak_teacher}: use 'warn' or 'refuse' (classification runs only)",
+                          where="--weak-teacher", fix="remove the option or give 'refuse'")
+        options["weak_teacher"] = "refuse"
+    if fresh or restart_stage:
+        from kdistill.tasks.job import RunDir
+
+        if fresh and restart_stage:
+            raise KDError("--fresh and --restart-stage exclude each other", fix="give one of them")
+        RunDir(run_dir).reset(fresh=fresh, restart_stage=restart_stage)
     _run_task(task, cfg, run_dir, progress, **options)
 
 
@@ -190,6 +211,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             ctx = getattr(err, "ctx", None)
             if ctx is not None:
                 print(ctx.get_usage(), file=sys.stderr)
+            else:  # e.g. an option without its value: no context to take the usage from
+                words = [w for w in (sys.argv[1:] if argv is None else argv) if not w.startswith("-")][:1]
+                print(f"Usage: kdistill {' '.join(words + ['[OPTIONS] [ARGS]...'])}", file=sys.stderr)
             message = err.format_message() if "NoArgsIsHelpError" not in names else "no command given"
             _err(f"{message} (see 'kdistill --help')")
             return 2

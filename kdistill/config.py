@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from kdistill.configbase import Strict, read_yaml
 from kdistill.schemes.assistant import AssistantScheme
@@ -26,7 +26,7 @@ from kdistill.schemes.selective import SelectiveScheme
 from kdistill.schemes.self_distill import BornAgainScheme, ByotScheme, SnapshotScheme
 from kdistill.schemes.specialists import SpecialistsScheme
 from kdistill.tasks import dump_config
-from kdistill.train_config import TrainConfig
+from kdistill.train_config import ThreadsSetting, TrainConfig, check_threads
 
 
 class TransferConfig(Strict):
@@ -117,9 +117,17 @@ class DistillConfig(Strict):
 
 
 class EvalConfig(Strict):
-    latency_repeats: int = Field(50, ge=1)
+    latency_repeats: int = Field(50, ge=1, description="timed batch-1 forwards per model and thread count")
     throughput_batch: int = Field(256, ge=1)
     ece_bins: int = Field(15, ge=2)
+    threads: ThreadsSetting = Field("auto", description="CPU threads of the latency and throughput measurement: "
+                                    "'auto' measures at 1 thread and at all cores (both reported; the summary's "
+                                    "latency_ms, throughput and speedup are the 1-thread ones), or one number")
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads(cls, value):
+        return check_threads(value)
 
 
 # -- training schemes: who teaches whom, and when (see docs/schemes.md); each scheme module owns its section ----
@@ -161,6 +169,22 @@ class RunConfig(Strict):
                 raise ValueError(f"teacher.cache is only supported by scheme 'offline', not '{name}'; remove it")
             if self.data.augment is not None:
                 raise ValueError(f"data.augment is only supported by scheme 'offline', not '{name}'; remove it")
+        return self
+
+    @model_validator(mode="after")
+    def _teacher_train_inherits(self) -> "RunConfig":
+        """`teacher.train` takes every field it does not set from `train` (so the teacher stage checkpoints too);
+        written out resolved, so the run's config.yaml shows what the teacher stage uses."""
+        from kdistill.schemes.common import inherit_train
+
+        for teacher in [self.teacher] + list(getattr(self.scheme, "teachers", [])):
+            if teacher is not None and teacher.train is not None:
+                try:
+                    merged = inherit_train(teacher.train, self.train)
+                except ValidationError as err:
+                    raise ValueError(f"teacher.train (with the fields it takes from train): "
+                                     f"{err.errors()[0].get('msg', 'invalid')}") from None
+                object.__setattr__(teacher, "train", merged)
         return self
 
     @model_validator(mode="after")

@@ -44,7 +44,20 @@ def comparison_table(summary: dict) -> str:
                      f"{m['ece']:.3f}", _fmt_int(m["params"]), _fmt_int(m["bytes"]), _fmt_int(m["flops"]),
                      f"{m['latency_ms']:.3f}", _fmt_int(m["throughput"])))
     return text_table(rows, f"retention {summary['retention']:.3f}   compression {summary['compression']:.2f}x   "
-                            f"speedup {summary['speedup']:.2f}x   (dataset: {summary.get('dataset', '?')})")
+                            f"speedup {summary['speedup']:.2f}x   (dataset: {summary.get('dataset', '?')})"
+                            f"{_cost_note(summary)}")
+
+
+def _cost_note(summary: dict) -> str:
+    """Where the latency columns come from: the thread count, the speedup's spread and at the other counts."""
+    cost = summary.get("cost")
+    if not cost:
+        return ""
+    primary = cost["primary_threads"]
+    others = "".join(f"; at {c} threads: speedup {r['ratio']:.2f}x" for c, r in cost["speedup_by_threads"].items()
+                     if c != str(primary))
+    return (f"\nlatency and samples/s at {primary} thread{'s' if primary > 1 else ''} (speedup spread between rounds "
+            f"{100 * summary.get('speedup_spread', 0):.0f}%){others}")
 
 
 def models_table(summary: dict) -> str:

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from kdistill.configbase import Strict
 
-__all__ = ["TrainConfig"]
+__all__ = ["TrainConfig", "check_threads"]
+
+ThreadsSetting = Union[Literal["auto"], int]
+
+
+def check_threads(value):
+    """A thread-count setting: 'auto' or a number >= 1 (bools and numeric strings are refused)."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise ValueError(f"got {value!r}; allowed: 'auto' or a number of threads >= 1")
 
 
 class TrainConfig(Strict):
@@ -35,6 +44,14 @@ class TrainConfig(Strict):
     compile: bool = False
     group_by_length: bool = Field(False, description="batches of similar lengths (rows' attention_mask sums): "
                                   "less padding for variable-length text; see kdistill.engine.sampler")
+    threads: ThreadsSetting = Field("auto", description="CPU threads of the training steps: 'auto' "
+                                                 "measures 1 thread against all cores at the stage start and when "
+                                                 "the steps slow down (see kdistill.engine.threads), or a number")
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads(cls, value):
+        return check_threads(value)
 
     @model_validator(mode="after")
     def _accum_divides(self) -> "TrainConfig":

@@ -344,3 +344,45 @@ def test_real_smollm2_teacher_scores_a_sentence_and_yields_a_student():
         student_hidden = student(ids, output_hidden_states=True).hidden_states[-1]
         kd = token_kd_loss(student_hidden, head_parts(student)["weight"], out.hidden_states[-1], weight, labels)
     assert 0 < kd.item() < 20
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sequence-level KD: the teacher's beam search (Kim & Rush 2016)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_hf_generator_beam_search_finds_the_most_likely_continuation():
+    """With as many beams as tokens, two steps of beam search are exhaustive: the result is the argmax of
+    log p(a | prompt) + log p(b | prompt, a) over every pair, computed here by brute force."""
+    from kdistill.llm.sequence import HFGenerator, Sampling
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")   # no EOS: fixed length
+    size = len(vocab)
+    config = transformers.LlamaConfig(vocab_size=size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                      bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    differs = 0
+    for seed in range(4):
+        torch.manual_seed(seed)
+        model = transformers.LlamaForCausalLM(config).eval()
+        prompt = "the cat sat"
+        ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            first = torch.log_softmax(model(ids).logits[0, -1].double(), -1)
+            pairs = torch.cat([ids.repeat(size, 1), torch.arange(size)[:, None]], 1)
+            second = torch.log_softmax(model(pairs).logits[:, -1].double(), -1)
+        total = first[:, None] + second                        # (first token, second token)
+        a, b = divmod(int(total.argmax()), size)
+        best = tok.decode([a, b], skip_special_tokens=True)
+        beam = HFGenerator(model, tok, Sampling(max_new_tokens=2, do_sample=False, num_beams=size))([prompt])[0]
+        assert beam == best
+        differs += int(first.argmax()) != a                    # greedy's first token is not the best pair's
+    assert differs >= 1                                        # so beam search was used, not greedy decoding
+    assert "num_beams" not in Sampling().as_dict() and Sampling(num_beams=4).as_dict()["num_beams"] == 4
+    with pytest.raises(WiringError, match="num_beams"):
+        Sampling(num_beams=0)

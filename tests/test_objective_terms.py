@@ -13,11 +13,17 @@ import yaml
 from conftest import tiny_config
 from kdistill.cli import main
 from kdistill.config import parse_config
+from kdistill.data.builtin import FASHION_MNIST_DIR
 from kdistill.distiller import Term, split_taps
 from kdistill.errors import ConfigError, TapError
 from kdistill.schemes.offline import run
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fashion_mnist_methods.yaml"
+NEEDS_FASHION_MNIST = pytest.mark.skipif(
+    not all((Path(FASHION_MNIST_DIR) / f"{part}-ubyte.gz").is_file()
+            for part in ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1")),
+    reason=f"needs the Fashion-MNIST files of the Debian package dataset-fashion-mnist in {FASHION_MNIST_DIR} "
+           "(apt-get install dataset-fashion-mnist)")
 
 
 def records(run_dir: Path, stage: str) -> list[dict]:
@@ -87,6 +93,7 @@ def test_term_on_an_undefined_tap_is_a_one_line_config_error(tmp_path, capsys):
     assert err.startswith("kdistill: error:") and "t_map" in err and len(err.splitlines()) == 1
 
 
+@NEEDS_FASHION_MNIST
 def test_example_config_runs_through_the_cli(tmp_path, monkeypatch):
     """examples/fashion_mnist_methods.yaml with a tiny budget: every term trains and is logged by name."""
     from kdistill.data import ArrayDataset

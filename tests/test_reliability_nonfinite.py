@@ -89,8 +89,8 @@ def test_skip_drops_exactly_the_bad_step_and_trains_on(tmp_path, monkeypatch, fa
     assert result["steps"] == STEPS
     assert f"warning: skipped step {BAD} of stage 'student': non-finite {what}" in logs
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [e for e in events if e.get("event")] == [{"stage": "student", "step": BAD, "event": "nonfinite_skip",
-                                                     "terms": names}]
+    skips = [e for e in events if e.get("event") not in (None, "threads")]
+    assert skips == [{"stage": "student", "step": BAD, "event": "nonfinite_skip", "terms": names}]
     assert finite_checkpoints(tmp_path) == [2, 4, 6, 8, 10, 12]
     assert adam_steps(tmp_path) == STEPS - 1  # every step but the bad one updated the weights
     assert all(torch.isfinite(p).all() for p in d.student.parameters())

@@ -22,6 +22,9 @@ class ArrayDataset(torch.utils.data.Dataset):
     def __init__(self, tensors: dict[str, torch.Tensor], name: str = "data"):
         if "x" not in tensors:
             raise DataError(f"dataset '{name}' has no inputs 'x'")
+        # numpy arrays (scikit-learn's float64 included) are converted: inputs to float32, labels to int64
+        tensors = {k: (as_inputs(v, f"{name}.{k}") if k == "x" else as_labels(v, f"{name}.{k}") if k == "y"
+                       else torch.as_tensor(v)) if isinstance(v, np.ndarray) else v for k, v in tensors.items()}
         n = len(tensors["x"])
         if n == 0:
             raise DataError(f"dataset '{name}' is empty", fix="check the data source and train_size")
@@ -105,3 +108,39 @@ def check_labels(ds: ArrayDataset, num_classes: int) -> None:
 
 def as_float(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def as_inputs(values, name: str = "x") -> torch.Tensor:
+    """Model inputs as a float32 tensor: numpy arrays or tensors of any real dtype (float64, float16, integers,
+    booleans) are converted; anything else is a one-line `DataError`."""
+    if torch.is_tensor(values):
+        if values.is_complex():
+            raise DataError(f"{name}: complex inputs ({values.dtype}) cannot be converted to float32",
+                            fix="pass real-valued features, e.g. x.real or x.abs()")
+        return values if values.dtype == torch.float32 else values.float()
+    array = np.asarray(values)
+    if array.dtype.kind in "fiub":
+        return as_float(array)
+    try:
+        return as_float(array.astype(np.float32))
+    except (TypeError, ValueError) as err:
+        raise DataError(f"{name}: cannot convert inputs of dtype {array.dtype} to float32 ({err})",
+                        fix="encode non-numeric columns as numbers first (e.g. sklearn.preprocessing.OrdinalEncoder)"
+                        ) from None
+
+
+def as_labels(values, name: str = "y") -> torch.Tensor:
+    """Class labels as an int64 tensor (-100 = unlabeled): integer arrays, or floats holding whole numbers (as
+    pandas or scikit-learn may give them); fractional or non-numeric labels are a one-line `DataError`."""
+    array = values.detach().cpu().numpy() if torch.is_tensor(values) else np.asarray(values)
+    if array.dtype.kind in "iub":
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all() or not (array == np.round(array)).all():
+            bad = array[~np.isfinite(array) | (array != np.round(array))].ravel()[:3]
+            raise DataError(f"{name}: labels must be class indices 0..K-1, got values such as "
+                            f"{', '.join(str(v) for v in bad)}",
+                            fix="pass integer class labels (regression targets are not supported)")
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
+    raise DataError(f"{name}: labels of dtype {array.dtype} are not class indices",
+                    fix="map them to 0..K-1, e.g. sklearn.preprocessing.LabelEncoder().fit_transform(y)")

@@ -37,6 +37,7 @@ from kdistill.engine.metrics import MetricsLog, StepWindow
 from kdistill.engine.runtime import (build_optimizer, deterministic_mode, get_accelerator, lr_lambda,
                                      stop_on_signals)
 from kdistill.engine.sampler import StepSampler, sample_lengths
+from kdistill.engine.threads import ThreadControl
 from kdistill.errors import KDError
 from kdistill.progress import Progress
 from kdistill.train_config import TrainConfig
@@ -74,6 +75,8 @@ class _Run:
     evals: list = field(default_factory=list)
     written: list = field(default_factory=list)  # the steps checkpointed by this run
     signal: dict = field(default_factory=dict)  # set by SIGINT/SIGTERM: {"signal": name}
+    threads: Optional[ThreadControl] = None  # the CPU thread count of the steps (calibrated with threads: auto)
+    saved_threads: dict = field(default_factory=dict)  # what the resumed checkpoint recorded of it
 
     @property
     def inner_optimizer(self) -> torch.optim.Optimizer:
@@ -103,7 +106,8 @@ class Engine:
 
     def fit(self, distiller, data, *, eval_fn: Optional[Callable[[nn.Module], dict]] = None,
             collate_fn: Optional[Callable] = None) -> dict:
-        """Train; returns {"steps", "resumed_from", "terms" (last logged means), "evals", "seconds"}."""
+        """Train; returns {"steps", "resumed_from", "terms" (last logged means), "evals", "seconds", "threads"
+        (`ThreadControl.result`: the CPU thread count of the steps and how it was chosen)}."""
         from kdistill.seeding import preserved_global_rng
 
         # the caller's RNG states (torch, numpy, python) are left as they were, even after a resume set them
@@ -116,12 +120,31 @@ class Engine:
         t0 = time.perf_counter()
         run.model.train()
         enabled = self.progress and self.accelerator.is_main_process
-        with stop_on_signals(run.signal), Progress(self.cfg.steps, f"[{self.stage}] train", enabled,
-                                                    start=run.start) as bar:
-            for step, micro_batches in self._batches(run, run.start):
-                self._step(run, step, micro_batches)
-                self._after_step(run, step + 1, bar)
-        return self._finish(run, t0)
+        threads = run.threads = self._threads(run)
+        try:
+            with stop_on_signals(run.signal), Progress(self.cfg.steps, f"[{self.stage}] train", enabled,
+                                                        start=run.start) as bar:
+                for step, micro_batches in self._batches(run, run.start):
+                    threads.before_step(step)
+                    t_step = time.perf_counter()
+                    self._step(run, step, micro_batches)
+                    threads.after_step(step, time.perf_counter() - t_step)
+                    self._after_step(run, step + 1, bar)
+            return self._finish(run, t0)
+        finally:
+            threads.close()
+
+    def _threads(self, run: _Run) -> ThreadControl:
+        """The thread count of this run's steps (`kdistill.engine.threads`), begun at its first step."""
+        cfg, acc = self.cfg, self.accelerator
+        main = acc.is_main_process
+        control = ThreadControl(cfg.threads, stage=self.stage, device_type=acc.device.type,
+                                world_size=acc.num_processes,
+                                num_workers=0 if hasattr(run.data, "batch") else cfg.num_workers,
+                                deterministic=cfg.deterministic, record=run.metrics.write,
+                                log=self.log if main else (lambda line: None))
+        control.begin(run.start, cfg.steps - run.start, run.saved_threads)
+        return control
 
     def _batches(self, run: _Run, start: int):
         return step_batches(self.cfg, self.accelerator.device, run.data, run.sampler, start, run.collate_fn,
@@ -194,6 +217,7 @@ class Engine:
                 set_rng_state(ck["rng"])
             run.start = run.resumed_from = ck["step"]
             window = ck["state"].get("metrics_window") or {}
+            run.saved_threads = ck["state"].get("threads") or {}
             saved_world = ck["state"].get("world_size", world)
             if saved_world != world and acc.is_main_process:
                 self.log(f"warning: [{self.stage}] checkpoint written by {saved_world} processes, resumed by "
@@ -310,7 +334,7 @@ class Engine:
                  "scaler": acc.scaler.state_dict() if acc.scaler is not None else {},
                  "step": step, "position": run.sampler.position(step), "world_size": acc.num_processes,
                  # the partial sums of the current log window: a resumed run logs the same means
-                 "metrics_window": run.window.state()}
+                 "metrics_window": run.window.state(), "threads": run.threads.state() if run.threads else {}}
         run.writer.write(step, acc.unwrap_model(run.model).state_dict(), state)
 
     def _evaluate(self, run: _Run, step: int) -> None:
@@ -339,4 +363,4 @@ class Engine:
         self._evaluate(run, final_step)
         run.objective.module = self.accelerator.unwrap_model(run.model)
         return {"steps": final_step, "resumed_from": run.resumed_from, "terms": run.last_terms, "evals": run.evals,
-                "seconds": time.perf_counter() - t0}
+                "seconds": time.perf_counter() - t0, "threads": run.threads.result()}

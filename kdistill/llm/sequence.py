@@ -1,7 +1,8 @@
 """Sequence-level (black-box) distillation: the teacher writes responses, the student is fine-tuned on them.
 
 Kim & Rush (2016): instead of matching the teacher's per-token distributions, train the student with plain
-next-token cross-entropy on sequences the teacher generated. The teacher is only a function
+next-token cross-entropy on sequences the teacher generated; they take the teacher's beam-search output (an
+approximation of its mode, ``Sampling(do_sample=False, num_beams=5)``), sampling is the other option. The teacher is only a function
 ``prompts -> texts``: an API, a program, or a local model (`HFGenerator`); tokenizers may differ.
 
     teacher = HFGenerator(model, tokenizer, Sampling(max_new_tokens=64, temperature=0.7, top_p=0.9, seed=0))
@@ -39,8 +40,10 @@ _WHERE = "kdistill.llm.sequence"
 class Sampling:
     """Generation settings, recorded with every generated row.
 
-    ``do_sample=False`` is greedy decoding (temperature / top_p / top_k unused); ``top_k=0`` and ``top_p=1``
-    disable those filters. ``seed`` seeds the sampling of each batch (``seed + batch number``).
+    ``do_sample=False`` is greedy decoding (temperature / top_p / top_k unused), or with ``num_beams > 1`` beam
+    search (Kim & Rush 2016: the teacher's beam output approximates its most likely sequence); ``top_k=0`` and
+    ``top_p=1`` disable those filters. ``seed`` seeds the sampling of each batch (``seed + batch number``).
+    ``num_beams`` is recorded only when above 1 (files made before it existed stay valid).
     """
 
     max_new_tokens: int = 64
@@ -49,9 +52,18 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    num_beams: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.num_beams, bool) or not isinstance(self.num_beams, int) or self.num_beams < 1:
+            raise WiringError(f"num_beams must be a positive integer, got {self.num_beams!r}", where=_WHERE,
+                              fix="1 (no beam search) or e.g. 5")
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        settings = asdict(self)
+        if settings["num_beams"] == 1:
+            del settings["num_beams"]
+        return settings
 
 
 class HFGenerator:
@@ -105,6 +117,8 @@ class HFGenerator:
                                    "pad_token_id": pad, "eos_token_id": token_id(self.tokenizer, "eos")}
         if s.do_sample:
             options.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+        if s.num_beams > 1:
+            options.update(num_beams=s.num_beams, num_return_sequences=1)
         devices = [device.index or 0] if device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             torch.manual_seed(s.seed + self._calls)

@@ -1,11 +1,14 @@
 """Loading user weights safely: safetensors, or `torch.load(weights_only=True)` for .pt/.pth files.
 
 Full unpickling executes arbitrary code from the file; it happens only with ``trust=True`` (the CLI's
-``--trust-checkpoint``), never by default.
+``--trust-checkpoint``), never by default. A weights file with a ``<file>.sha256`` next to it (the `sha256sum`
+format; kdistill writes one beside every stage's weights) is verified before it is read: a damaged or changed file
+is refused instead of loaded silently.
 """
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 from pathlib import Path
 from typing import Union
@@ -15,10 +18,51 @@ import torch
 from kdistill.errors import CheckpointError
 
 
+def checksum_file(path: Union[str, Path]) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def file_sha256(path: Union[str, Path]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksum(path: Union[str, Path]) -> Path:
+    """Write ``<path>.sha256`` (``HEX  NAME``, checkable with ``sha256sum -c``) atomically; returns its path."""
+    from kdistill.files import atomic_write_bytes
+
+    path = Path(path)
+    target = checksum_file(path)
+    atomic_write_bytes(target, f"{file_sha256(path)}  {path.name}\n".encode())
+    return target
+
+
+def verify_checksum(path: Union[str, Path], *, where: str = "weights") -> bool:
+    """Check `path` against its ``.sha256`` file when there is one (False: none to check); a mismatch is a
+    `CheckpointError`."""
+    path = Path(path)
+    recorded = checksum_file(path)
+    if not recorded.is_file():
+        return False
+    expected = recorded.read_text().split()[:1]
+    actual = file_sha256(path)
+    if expected != [actual]:
+        raise CheckpointError(f"{path} does not match the SHA-256 recorded in {recorded.name} (the file was damaged "
+                              f"or replaced after it was written)", where=where,
+                              fix="restore the file, or delete it (a run directory re-creates a stage's weights "
+                                  "from its checkpoints), or delete the .sha256 file if the change is intended")
+    return True
+
+
 def load_state_dict_file(path: Union[str, Path], *, where: str = "weights", trust: bool = False) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}", where=where, fix="check the path")
+    verify_checksum(path, where=where)
     if path.suffix == ".safetensors":
         from kdistill.files import load_weights
 

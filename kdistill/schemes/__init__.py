@@ -36,11 +36,12 @@ def scheme_runner(name: str):
 
 
 def run(cfg, run_dir: Optional[Path] = None, *, progress: bool = True, log=print,
-        trust_checkpoint: bool = False) -> dict:
+        trust_checkpoint: bool = False, weak_teacher: str = "warn") -> dict:
     """Run the job of a config with its scheme; returns the summary (also written to RUN_DIR/summary.json).
-    `trust_checkpoint` allows full unpickling of .pt/.pth teacher weights (trusted files only)."""
+    `trust_checkpoint` allows full unpickling of .pt/.pth teacher weights (trusted files only);
+    `weak_teacher` "refuse" stops at a teacher at chance level on the test set (default "warn")."""
     return scheme_runner(cfg.scheme.name)(cfg, run_dir, progress=progress, log=log,
-                                          trust_checkpoint=trust_checkpoint)
+                                          trust_checkpoint=trust_checkpoint, weak_teacher=weak_teacher)
 
 
 __all__ = ["SCHEMES", "run", "scheme_runner"]

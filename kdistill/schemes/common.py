@@ -23,7 +23,9 @@ from torch import nn
 
 from kdistill.data import ArrayDataset, DataBundle, check_labels, load_data
 from kdistill.distiller import Distiller, Term, split_taps, terms_from_config
-from kdistill.evaluate import accuracy, agreement, cost_report, expected_calibration_error, predict_logits
+from kdistill.errors import KDError
+from kdistill.evaluate import (accuracy, agreement, cost_report, expected_calibration_error, headline, measure_cost,
+                               predict_logits, static_cost)
 from kdistill.models import build_model
 from kdistill.models.loading import load_into, load_state_dict_file
 from kdistill.outputs import call_model, logits_of
@@ -87,9 +89,20 @@ def config_terms(cfg: "RunConfig") -> tuple[list[Term], dict[str, str]]:
     return terms_from_config(cfg.distill.resolved_terms()), dict(cfg.distill.taps)
 
 
+def inherit_train(section: Optional[TrainConfig], train: TrainConfig) -> TrainConfig:
+    """A stage's own training settings (`teacher.train`, ...) over the run's `train`: every field the section does
+    not set is taken from `train` (checkpointing, logging, determinism...), so every stage checkpoints."""
+    if section is None:
+        return train
+    own = section.model_dump(exclude_unset=True)
+    if set(own) >= set(TrainConfig.model_fields):
+        return section
+    return TrainConfig.model_validate({**train.model_dump(), **own})
+
+
 def teacher_train_config(teacher_cfg, train_cfg: TrainConfig) -> TrainConfig:
-    """`teacher.train`, or the run's `train`; ``train.deterministic`` covers the whole run."""
-    teacher_train = teacher_cfg.train or train_cfg
+    """`teacher.train` over the run's `train` (`inherit_train`); ``train.deterministic`` covers the whole run."""
+    teacher_train = inherit_train(teacher_cfg.train, train_cfg)
     if train_cfg.deterministic and not teacher_train.deterministic:
         teacher_train = teacher_train.model_copy(update={"deterministic": True})
     return teacher_train
@@ -107,12 +120,40 @@ def evaluate(model: nn.Module, test: ArrayDataset, eval_cfg, *, reference_logits
         report["agreement"] = agreement(logits, reference_logits)
     if cost:
         report.update(cost_report(model, test.tensors["x"][:1], latency_repeats=eval_cfg.latency_repeats,
-                                  throughput_batch=eval_cfg.throughput_batch))
+                                  throughput_batch=eval_cfg.throughput_batch, threads=eval_cfg.threads))
     return report
 
 
 def top1_accuracy(model: nn.Module, test: ArrayDataset) -> float:
     return accuracy(predict_logits(model, test), test.tensors["y"])
+
+
+WEAK_TEACHER_FIX = ("check the teacher's weights (a .sha256 next to a weights file is verified) or train it longer; "
+                    "--weak-teacher warn (Python: weak_teacher='warn') distils from it anyway")
+
+
+def check_teacher(teacher: nn.Module, test: ArrayDataset, num_classes: int, *, where: str = "teacher",
+                  policy: str = "warn", log=print) -> float:
+    """The teacher's accuracy on held-out data. A teacher not measurably above chance (the larger of 1/classes and
+    the most frequent class, plus 3 binomial standard errors) is reported before distillation: a warning line
+    (`policy` "warn"), or a `KDError` ("refuse")."""
+    labels = test.tensors["y"]
+    keep = labels != -100
+    n = int(keep.sum())
+    if n == 0:
+        return float("nan")
+    logits = predict_logits(teacher, test)
+    score = accuracy(logits[keep], labels[keep])
+    majority = float(torch.bincount(labels[keep], minlength=num_classes).max()) / n
+    chance = max(1.0 / max(1, num_classes), majority)
+    if score > chance + 3 * (chance * (1 - chance) / n) ** 0.5:
+        return score
+    what = (f"the {where} scores {100 * score:.1f} % on the {n} held-out samples, which is chance level "
+            f"({100 * chance:.1f} %): distilling from it would teach noise")
+    if policy == "refuse":
+        raise KDError(what, where=where, fix=WEAK_TEACHER_FIX)
+    log(f"warning: {what}; check its weights or train it longer (--weak-teacher refuse stops here)")
+    return score
 
 
 # -- the job of a config -------------------------------------------------------------------------------------------
@@ -126,17 +167,23 @@ class SchemeJob:
     progress: bool = True
     log: Callable[[str], None] = print
     trust_checkpoint: bool = False
+    weak_teacher: str = "warn"
 
     @classmethod
     def start(cls, cfg: "RunConfig", run_dir=None, *, progress: bool = True, log=print,
-              trust_checkpoint: bool = False) -> "SchemeJob":
+              trust_checkpoint: bool = False, weak_teacher: str = "warn") -> "SchemeJob":
         """Claim the run directory (writes the resolved config.yaml; refuses another run's), load and check data."""
-        folder = RunDir(run_dir, cfg, dump=dump_config, load=load_resolved)
+        folder = RunDir(run_dir, cfg, dump=dump_config, load=load_resolved, log=log)
         folder.claim()
         bundle = load_data(cfg.data)
         check_labels(bundle.train, bundle.num_classes)
         check_labels(bundle.test, bundle.num_classes)
-        return cls(cfg, bundle, folder, progress, log, trust_checkpoint)
+        return cls(cfg, bundle, folder, progress, log, trust_checkpoint, weak_teacher)
+
+    def check_teacher(self, teacher: nn.Module, where: str = "teacher") -> float:
+        """Warn about (or, with `weak_teacher` "refuse", refuse) a teacher at chance on the test set."""
+        return check_teacher(teacher, self.bundle.test, self.bundle.num_classes, where=where,
+                             policy=self.weak_teacher, log=self.log)
 
     @property
     def stage_options(self) -> dict:
@@ -195,7 +242,23 @@ class SchemeJob:
         return freeze(model)
 
     def evaluate(self, model: nn.Module, test: Optional[ArrayDataset] = None, **options) -> dict:
-        return evaluate(model, test if test is not None else self.bundle.test, self.cfg.eval, **options)
+        """`evaluate` on the test set (or `test`); the cost measurement's warnings are logged, not kept."""
+        report = evaluate(model, test if test is not None else self.bundle.test, self.cfg.eval, **options)
+        for line in report.pop("warnings", []):
+            self.log(line)
+        return report
+
+    def measure_cost(self, models: Mapping[str, nn.Module], rows: dict) -> dict:
+        """The cost of `models` measured together (interleaved rounds at fixed thread counts: `measure_cost`),
+        added with their static cost to ``rows[name]``; warnings logged. Returns the measurement."""
+        example, eval_cfg = self.bundle.test.tensors["x"][:1], self.cfg.eval
+        cost = measure_cost(models, example, threads=eval_cfg.threads, latency_repeats=eval_cfg.latency_repeats,
+                            throughput_batch=eval_cfg.throughput_batch)
+        for name, model in models.items():
+            rows[name].update({**static_cost(model, example), **headline(cost, name)})
+        for line in cost["warnings"]:
+            self.log(line)
+        return cost
 
     def finish(self, models: dict, **extra: Any) -> dict:
         """The summary ``{scheme, dataset, **extra, models}``, written atomically to RUN_DIR/summary.json."""
@@ -205,13 +268,15 @@ class SchemeJob:
 
 
 def scheme_run(plan: Callable[[SchemeJob], dict]) -> Callable[..., dict]:
-    """A scheme's ``run(cfg, run_dir=None, *, progress, log, trust_checkpoint) -> summary`` from its plan over the
-    started `SchemeJob` (`trust_checkpoint` allows full unpickling of .pt/.pth teacher weights: trusted only)."""
+    """A scheme's ``run(cfg, run_dir=None, *, progress, log, trust_checkpoint, weak_teacher) -> summary`` from
+    its plan over the started `SchemeJob` (`trust_checkpoint` allows full unpickling of .pt/.pth teacher weights:
+    trusted only; `weak_teacher` "refuse" stops at a teacher at chance level instead of warning)."""
 
     @functools.wraps(plan)
-    def run(cfg: "RunConfig", run_dir=None, *, progress: bool = True, log=print,
-            trust_checkpoint: bool = False) -> dict:
-        return plan(SchemeJob.start(cfg, run_dir, progress=progress, log=log, trust_checkpoint=trust_checkpoint))
+    def run(cfg: "RunConfig", run_dir=None, *, progress: bool = True, log=print, trust_checkpoint: bool = False,
+            weak_teacher: str = "warn") -> dict:
+        return plan(SchemeJob.start(cfg, run_dir, progress=progress, log=log, trust_checkpoint=trust_checkpoint,
+                                    weak_teacher=weak_teacher))
 
     return run
 

@@ -11,7 +11,11 @@ multi-head, task-aware setting of LwF: old-task accuracy is the argmax over the 
    z*_old being the frozen old model's outputs for the old classes on the same new-task input, T = 2 as in the
    paper (KL and the paper's soft cross-entropy differ by the teacher's entropy, a constant: same gradient).
    Plain fine-tuning is the same round without the second term. Forgetting = old-task accuracy before - after.
-   (The paper's warm-up step, training only the new head first, is not included.)
+   Before it, the paper's warm-up step (sec. 3): the shared and old-task parameters frozen, only the new task's
+   head learns (CE over the new classes' outputs) for ``warmup_steps``; here the new head is the new classes'
+   rows of the model's last linear layer, trained as a separate parameter (so no optimizer or weight decay
+   touches anything else, BatchNorm statistics included) and written back. LwF and fine-tuning both start from
+   the warmed-up model.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ class LifelongScheme(Strict):
     lwf_weight: float = Field(1.0, ge=0)
     temperature: float = Field(2.0, gt=0)
     old_train: Optional[TrainConfig] = Field(None, description="training of the old task (default: train)")
+    warmup_steps: Optional[int] = Field(None, ge=0, description="steps training only the new head first "
+                                                               "(default: train.steps // 10; 0: no warm-up)")
     finetune: bool = Field(True, description="also fine-tune without distillation for comparison")
 
     @model_validator(mode="after")
@@ -104,6 +110,79 @@ class TaskSide(SchemeSide):
         return out, terms
 
 
+class WarmupSide(SchemeSide):
+    """The warm-up of LwF: only the new classes' rows of the model's last linear layer learn; everything else is
+    frozen (eval mode). forward -> (output with the new rows' logits, {"ce": CE over the new classes})."""
+
+    def __init__(self, model: nn.Module, new_classes: Sequence[int]):
+        super().__init__()
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise WiringError("the LwF warm-up needs the model's output layer to be an nn.Linear",
+                              where="scheme.warmup_steps", fix="set scheme.warmup_steps: 0")
+        self.head = linears[-1]
+        self.new_classes = list(new_classes)
+        rows = torch.as_tensor(self.new_classes)
+        self.weight = nn.Parameter(self.head.weight.detach()[rows].clone())
+        self.bias = nn.Parameter(self.head.bias.detach()[rows].clone()) if self.head.bias is not None else None
+        object.__setattr__(self, "student", model)   # not a child: its parameters are not trained here
+        self.step = 0
+
+    def run_student(self, inputs):
+        self.student.eval()
+        return call_model(self.student, inputs), {}
+
+    def build(self, inputs, teacher_values, labels) -> None:
+        self.student.eval()
+        z = logits_of(call_model(self.student, inputs))
+        if z.shape[-1] != self.head.out_features or max(self.new_classes) >= z.shape[-1]:
+            raise WiringError(f"the model's last linear layer gives {self.head.out_features} outputs, its output "
+                              f"has {z.shape[-1]}", where="scheme.warmup_steps",
+                              fix="end the model with its classifier layer, or set scheme.warmup_steps: 0")
+        if labels is None:
+            raise WiringError("learning a task needs labels 'y'")
+
+    def forward(self, inputs, teacher_values, labels):
+        captured = {}
+        hook = self.head.register_forward_pre_hook(lambda m, args: captured.__setitem__("x", args[0]))
+        self.student.eval()
+        try:
+            with torch.no_grad():
+                out = logits_of(call_model(self.student, inputs))
+        finally:
+            hook.remove()
+        new = torch.nn.functional.linear(captured["x"], self.weight, self.bias)
+        out = out.clone()
+        out[..., self.new_classes] = new
+        lookup = torch.full((out.shape[-1] + 1,), -100, dtype=torch.long, device=labels.device)
+        lookup[torch.as_tensor(self.new_classes, device=labels.device)] = torch.arange(len(self.new_classes),
+                                                                                       device=labels.device)
+        local = lookup[torch.where(labels < 0, torch.full_like(labels, out.shape[-1]), labels)]
+        return out, {"ce": ce(new, local)}
+
+    def export_student(self) -> nn.Module:
+        with torch.no_grad():
+            rows = torch.as_tensor(self.new_classes, device=self.head.weight.device)
+            self.head.weight[rows] = self.weight.to(self.head.weight.dtype)
+            if self.bias is not None:
+                self.head.bias[rows] = self.bias.to(self.head.bias.dtype)
+        return self.student
+
+
+class WarmupObjective(SideObjective):
+    def export_student(self) -> nn.Module:
+        return self.side.export_student()
+
+
+def warm_up(model: nn.Module, data: ArrayDataset, new_classes: Sequence[int], train_cfg: TrainConfig, *,
+            seed: int = 0, stage: str = "warmup", run_dir: Optional[Path] = None, progress: bool = False,
+            log=print) -> nn.Module:
+    """LwF's warm-up: train only the new classes' rows of `model`'s last linear layer on `data` (the rest of
+    the model frozen, in eval mode); returns `model` with those rows updated."""
+    objective = WarmupObjective(WarmupSide(model, new_classes))
+    return run_stage(stage, objective, data, train_cfg, seed=seed, run_dir=run_dir, progress=progress, log=log)[0]
+
+
 def learn_task(model: nn.Module, data: ArrayDataset, task_classes: Sequence[int], train_cfg: TrainConfig, *,
                old_model: Optional[nn.Module] = None, keep_classes: Sequence[int] = (), lwf_weight: float = 1.0,
                temperature: float = 2.0, seed: int = 0, stage: str = "task", run_dir: Optional[Path] = None,
@@ -134,22 +213,33 @@ def joint_accuracy(model: nn.Module, data: ArrayDataset, classes: Sequence[int])
 
 def lifelong(make_model, bundle, old_classes: Sequence[int], new_classes: Sequence[int], train_cfg: TrainConfig, *,
              old_train: Optional[TrainConfig] = None, lwf_weight: float = 1.0, temperature: float = 2.0,
-             finetune: bool = True, seed: int = 0, run_dir: Optional[Path] = None, progress: bool = False,
-             log=print) -> dict:
-    """Old task, then the new task with LwF (and with plain fine-tuning); returns the models and accuracies."""
+             finetune: bool = True, warmup_steps: Optional[int] = None, seed: int = 0, run_dir: Optional[Path] = None,
+             progress: bool = False, log=print) -> dict:
+    """Old task, the warm-up of the new head (`warmup_steps`, default train_cfg.steps // 10), then the new task
+    with LwF (and with plain fine-tuning); returns the models and accuracies."""
     old_train_data = task_data(bundle.train, old_classes, "old-task")
     new_train_data = task_data(bundle.train, new_classes, "new-task")
     old = learn_task(make_model(), old_train_data, old_classes, old_train or train_cfg, seed=seed, stage="old",
                      run_dir=run_dir, progress=progress, log=log)
     old = freeze(old)
-    state = {k: v.clone() for k, v in old.state_dict().items()}
+    warmup_steps = train_cfg.steps // 10 if warmup_steps is None else warmup_steps
+    if warmup_steps:
+        warm = make_model()
+        warm.load_state_dict(old.state_dict())
+        warmup_cfg = train_cfg.model_copy(update={"steps": warmup_steps, "eval_every": 0,
+                                                  "checkpoint_every": min(train_cfg.checkpoint_every, warmup_steps)})
+        warm = warm_up(warm, new_train_data, new_classes, warmup_cfg, seed=seed + 2, run_dir=run_dir,
+                       progress=progress, log=log)
+        state = {k: v.detach().clone() for k, v in warm.state_dict().items()}
+    else:
+        state = {k: v.clone() for k, v in old.state_dict().items()}
     rounds = {"lwf": dict(old_model=old, keep_classes=old_classes)}
     if finetune:
         rounds["finetune"] = {}
     result = {"old": {"model": old, "old_task": task_accuracy(old, bundle.test, old_classes)}}
     for name, extra in rounds.items():
         model = make_model()
-        model.load_state_dict(state)                     # both start from the old model
+        model.load_state_dict(state)                     # both start from the (warmed-up) old model
         model = learn_task(model, new_train_data, new_classes, train_cfg, lwf_weight=lwf_weight,
                            temperature=temperature, seed=seed + 1, stage=name, run_dir=run_dir, progress=progress,
                            log=log, **extra)
@@ -170,7 +260,8 @@ def run(job: SchemeJob) -> dict:
             raise ConfigError(f"class {c} is not one of the data's classes 0..{classes - 1}",
                               where="scheme.old_classes/new_classes")
     result = lifelong(job.student, job.bundle, s.old_classes, s.new_classes, cfg.train, old_train=s.old_train,
-                      lwf_weight=s.lwf_weight, temperature=s.temperature, finetune=s.finetune, seed=cfg.seed + 3,
+                      lwf_weight=s.lwf_weight, temperature=s.temperature, finetune=s.finetune,
+                      warmup_steps=s.warmup_steps, seed=cfg.seed + 3,
                       **job.stage_options)
     models = {"old model (before the new task)": {"accuracy": result["old"]["old_task"]}}
     tasks = {"old model": {"old_task_accuracy": result["old"]["old_task"]}}

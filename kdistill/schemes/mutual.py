@@ -1,19 +1,28 @@
 """Online distillation: deep mutual learning (Zhang, Xiang, Hospedales, Lu 2018, "Deep Mutual Learning").
 
-N >= 2 peers start from scratch and train together, with no pre-trained teacher. Peer k minimizes
+K >= 2 peers start from scratch and train together, with no pre-trained teacher. Peer k minimizes (paper, eq. 9)
 
-    L_k = CE(z_k, y) + w * T^2 * KL( mean_{l != k} softmax(z_l / T)  ||  softmax(z_k / T) )
+    L_k = CE(z_k, y) + w * T^2 * 1/(K-1) * sum_{l != k} KL( softmax(z_l / T)  ||  softmax(z_k / T) )
 
-where the target (the average of the other peers' predictions) is treated as a constant for peer k. All peers
-take their step on the same batch at the same time: the peers' parameters are disjoint and each target is
-detached, so one backward of sum_k L_k gives every peer exactly the gradient of its own L_k (the paper alternates
-peer updates within a mini-batch; this is the simultaneous variant). Every peer and the peer ensemble (the mean
-of the peers' probabilities) are evaluated.
+the average of the pairwise KLs from every other peer (not the KL from the other peers' mean: by convexity of KL
+that one is smaller, e.g. 3.56 vs 4.05 for 3 peers on random logits), each other peer's prediction a constant
+for peer k. Two update orders (``scheme.update``):
+
+* ``alternating`` (the paper's Algorithm 1): on each mini-batch the peers are updated one after the other, and
+  peer k's targets are the other peers' predictions *recomputed after* peers 0..k-1 took their step. Here one
+  engine step updates one peer (peer ``step mod K``; the others get no gradient and are not stepped) and the K
+  steps of a cycle share the cycle's first mini-batch, so ``train.steps`` counts peer updates: K times the
+  mini-batches (single process: a resumed run mid-cycle takes the current batch for the rest of the cycle).
+* ``simultaneous`` (default): every peer steps on the same batch at once, its targets the other peers'
+  predictions *before* this step; one backward of sum_k L_k gives each peer the gradient of its own L_k (peers'
+  parameters are disjoint, targets detached). This is not the paper's gradient for K - 1 of the peers (their
+  targets come from the not-yet-updated peers), but it costs one forward per peer per step.
+
+Every peer and the peer ensemble (the mean of the peers' probabilities) are evaluated.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Literal, Optional, Sequence, Union
 
@@ -35,12 +44,14 @@ from kdistill.train_config import TrainConfig
 
 class MutualScheme(Strict):
     """Deep mutual learning (Zhang et al. 2018): peers trained together from scratch, each with CE plus
-    KL to the average of the other peers' predictions."""
+    the average of the KLs from each other peer's prediction; simultaneous or alternating (the paper's) updates."""
 
     name: Literal["mutual"]
     peers: Union[list[ModelConfig], int] = Field(2, description="number of copies of `student`, or the peer models")
     temperature: float = Field(1.0, gt=0)
     kl_weight: float = Field(1.0, ge=0)
+    update: Literal["simultaneous", "alternating"] = Field(
+        "simultaneous", description="alternating: the paper's peer-by-peer updates (train.steps counts peer updates)")
 
     @field_validator("peers")
     @classmethod
@@ -50,29 +61,30 @@ class MutualScheme(Strict):
         return v
 
 
-def mutual_targets(peer_logits: Sequence[torch.Tensor], temperature: float = 1.0) -> list[torch.Tensor]:
-    """For each peer k, the logits of mean_{l != k} softmax(z_l / T), scaled by T so that a temperature-T
-    softmax of them gives back that mean (the form `kdistill.losses.kd` expects). Detached."""
-    log_probs = torch.stack([torch.log_softmax(z.detach().float() / temperature, -1) for z in peer_logits])
-    n = len(peer_logits)
-    targets = []
-    for k in range(n):
-        others = torch.cat([log_probs[:k], log_probs[k + 1:]])
-        targets.append(temperature * (torch.logsumexp(others, 0) - math.log(n - 1)))
-    return targets
+def mutual_kl(peer_logits: Sequence[torch.Tensor], k: int, temperature: float = 1.0) -> torch.Tensor:
+    """Peer k's mimicry term: T^2 * 1/(K-1) * sum_{l != k} KL(softmax(z_l / T) || softmax(z_k / T)), the other
+    peers' logits detached."""
+    others = [z for l, z in enumerate(peer_logits) if l != k]
+    return sum(kd(peer_logits[k], z.detach(), temperature) for z in others) / len(others)
 
 
 class MutualSide(SchemeSide):
     """The peers as one trainable module: forward -> (ensemble logits, {ce_peer<k>, kl_peer<k>})."""
 
-    def __init__(self, peers: Sequence[nn.Module], temperature: float = 1.0, kl_weight: float = 1.0):
+    def __init__(self, peers: Sequence[nn.Module], temperature: float = 1.0, kl_weight: float = 1.0,
+                 update: str = "simultaneous"):
         super().__init__()
+        if update not in ("simultaneous", "alternating"):
+            raise WiringError(f"unknown update order '{update}'", where="scheme.update",
+                              fix="use 'simultaneous' or 'alternating'")
         if len(peers) < 2:
             raise WiringError(f"mutual learning needs at least 2 peers, got {len(peers)}", where="scheme.peers")
         self.peers = nn.ModuleList(peers)
         self.temperature = temperature
         self.kl_weight = kl_weight
+        self.update = update
         self.step = 0
+        self._cycle_inputs = None   # alternating: the mini-batch of the current cycle
         # the ensemble view of the peers; not a registered child, so the state dict holds each weight once
         object.__setattr__(self, "_ensemble", ProbabilityEnsemble(self.peers))
 
@@ -89,20 +101,29 @@ class MutualSide(SchemeSide):
                               fix="give every peer the same number of classes")
 
     def forward(self, inputs, teacher_values, labels):
-        logits = [logits_of(call_model(p, inputs)) for p in self.peers]
-        targets = mutual_targets(logits, self.temperature)
+        active = None
+        if self.update == "alternating" and self.training:
+            active = self.step % len(self.peers)
+            if active == 0 or self._cycle_inputs is None:
+                self._cycle_inputs = (inputs, labels)
+            inputs, labels = self._cycle_inputs
+        logits = []
+        for k, peer in enumerate(self.peers):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and active in (None, k)):
+                logits.append(logits_of(call_model(peer, inputs)))
         terms = {}
-        for k, (z, target) in enumerate(zip(logits, targets)):
+        for k, z in enumerate(logits):
             terms[f"ce_peer{k}"] = ce(z, labels)
-            terms[f"kl_peer{k}"] = self.kl_weight * kd(z, target, self.temperature)
+            terms[f"kl_peer{k}"] = self.kl_weight * mutual_kl(logits, k, self.temperature)
         with torch.no_grad():
             ensemble = torch.logsumexp(torch.stack([torch.log_softmax(z.float(), -1) for z in logits]), 0)
         return ensemble, terms
 
 
 class MutualObjective(SideObjective):
-    def __init__(self, peers: Sequence[nn.Module], temperature: float = 1.0, kl_weight: float = 1.0):
-        super().__init__(MutualSide(peers, temperature, kl_weight))
+    def __init__(self, peers: Sequence[nn.Module], temperature: float = 1.0, kl_weight: float = 1.0,
+                 update: str = "simultaneous"):
+        super().__init__(MutualSide(peers, temperature, kl_weight, update))
 
     @property
     def peers(self) -> list[nn.Module]:
@@ -110,10 +131,14 @@ class MutualObjective(SideObjective):
 
 
 def train_mutual(peers: Sequence[nn.Module], data, train_cfg: TrainConfig, *, temperature: float = 1.0,
-                 kl_weight: float = 1.0, seed: int = 0, run_dir: Optional[Path] = None, stage: str = "mutual",
-                 progress: bool = False, log=print) -> ProbabilityEnsemble:
-    """Train `peers` together by deep mutual learning; returns their ensemble (``.members`` are the peers)."""
-    objective = MutualObjective(peers, temperature, kl_weight)
+                 kl_weight: float = 1.0, update: str = "simultaneous", seed: int = 0, run_dir: Optional[Path] = None,
+                 stage: str = "mutual", progress: bool = False, log=print) -> ProbabilityEnsemble:
+    """Train `peers` together by deep mutual learning; returns their ensemble (``.members`` are the peers).
+    With ``update="alternating"`` each step updates one peer (``train_cfg.steps`` counts peer updates)."""
+    if update == "alternating" and train_cfg.grad_accum > 1:
+        raise WiringError("alternating DML updates take one whole mini-batch per step", where="train.grad_accum",
+                          fix="set train.grad_accum: 1, or scheme.update: simultaneous")
+    objective = MutualObjective(peers, temperature, kl_weight, update)
     return run_stage(stage, objective, data, train_cfg, seed=seed, run_dir=run_dir, progress=progress, log=log,
                      side_weights=True)[0]
 
@@ -124,7 +149,7 @@ def run(job: SchemeJob) -> dict:
     peer_cfgs = [cfg.student] * scheme.peers if isinstance(scheme.peers, int) else list(scheme.peers)
     peers = [job.model(pc, cfg.seed + 202 + 17 * k, f"scheme.peers[{k}]") for k, pc in enumerate(peer_cfgs)]
     ensemble = train_mutual(peers, job.bundle.train, cfg.train, temperature=scheme.temperature,
-                            kl_weight=scheme.kl_weight, seed=cfg.seed + 3, **job.stage_options)
+                            kl_weight=scheme.kl_weight, update=scheme.update, seed=cfg.seed + 3, **job.stage_options)
     models = {}
     if cfg.baseline:
         models["baseline (scratch)"] = job.evaluate(job.baseline())

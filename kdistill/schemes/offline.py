@@ -20,10 +20,12 @@ from torch import nn
 from kdistill.configbase import Strict
 from kdistill.data.augment import maybe_augment
 from kdistill.distiller import Distiller, Term, split_taps
-from kdistill.errors import ConfigError
+from kdistill.errors import ConfigError, KDError
 from kdistill.evaluate import predict_logits
 from kdistill.models.loading import load_into, load_state_dict_file
-from kdistill.schemes.common import TEACHER_SEED, SchemeJob, config_terms, load_configured_weights, scheme_run
+from kdistill.progress import run_plan
+from kdistill.schemes.common import (TEACHER_SEED, SchemeJob, config_terms, load_configured_weights, scheme_run,
+                                     teacher_train_config)
 from kdistill.taps import Taps
 from kdistill.teachers.live import freeze
 
@@ -41,8 +43,27 @@ class OfflineScheme(Strict):
 def run(job: SchemeJob) -> dict:
     """The offline KD job of a config: teacher (trained or loaded), baseline, KD student, evaluation.
 
-    Every stage's wiring is checked on one batch before the first stage trains (`kdistill.wiring.preflight`).
+    Every stage's wiring is checked on one batch before the first stage trains (`kdistill.wiring.preflight`); a
+    teacher at chance level on the test set is reported before the student stages (`SchemeJob.check_teacher`).
     """
+    with run_plan(_stages_to_train(job)):
+        return _run(job)
+
+
+def _stages_to_train(job: SchemeJob) -> dict[str, int]:
+    """The stages this run still trains, in order, with their steps (for the run's progress ETA)."""
+    cfg = job.cfg
+    stages = {}
+    if not cfg.teacher.weights:
+        stages["teacher"] = teacher_train_config(cfg.teacher, cfg.train).steps
+    if cfg.baseline:
+        stages["baseline"] = cfg.train.steps
+    stages["student"] = cfg.train.steps
+    return {name: steps for name, steps in stages.items()
+            if not (job.run_dir and job.run_dir.file(f"{name}.safetensors").is_file())}
+
+
+def _run(job: SchemeJob) -> dict:
     cfg = job.cfg
     terms, taps = job.terms()
     student_taps, teacher_taps = split_taps(terms, taps)
@@ -58,6 +79,7 @@ def run(job: SchemeJob) -> dict:
         load_configured_weights(teacher, cfg.teacher, "teacher", trust=job.trust_checkpoint)
     _preflight(job, teacher if cfg.teacher.weights else None, terms, student_taps, teacher_taps)
     teacher = _teacher(job, teacher)
+    job.check_teacher(teacher)
 
     baseline = None
     if cfg.baseline:
@@ -145,24 +167,47 @@ def _preflight(job: SchemeJob, teacher: Optional[nn.Module], terms, student_taps
 
 
 def summarize(teacher: nn.Module, student: nn.Module, baseline: Optional[nn.Module], job: SchemeJob) -> dict:
+    """Quality of each model, then their cost measured together (interleaved rounds at fixed thread counts), the
+    ratios (``speedup``: the teacher's latency over the student's, round by round, at the primary thread count)
+    and the training stages' thread counts (``train_threads``, from metrics.jsonl)."""
+    from kdistill.engine.threads import stage_threads
+    from kdistill.evaluate import round_ratio
+
     teacher_logits = predict_logits(teacher, job.bundle.test)
-    summary = {"dataset": job.bundle.name, "teacher": job.evaluate(teacher)}
-    summary["student"] = job.evaluate(student, reference_logits=teacher_logits)
-    if baseline is not None:
-        summary["baseline"] = job.evaluate(baseline, reference_logits=teacher_logits)
+    models = {"teacher": teacher, "student": student, **({"baseline": baseline} if baseline is not None else {})}
+    summary = {"dataset": job.bundle.name, "teacher": job.evaluate(teacher, cost=False)}
+    for name in ("student", "baseline"):
+        if name in models:
+            summary[name] = job.evaluate(models[name], reference_logits=teacher_logits, cost=False)
+    cost = job.measure_cost(models, summary)
     t, s = summary["teacher"], summary["student"]
     summary["retention"] = s["accuracy"] / t["accuracy"] if t["accuracy"] else float("nan")
     summary["compression"] = t["params"] / s["params"]
-    summary["speedup"] = t["latency_ms"] / s["latency_ms"]
+    speedups = {str(c): round_ratio(cost, "teacher", "student", c) for c in cost["threads"]}
+    primary = speedups[str(cost["primary_threads"])]
+    summary["speedup"], summary["speedup_spread"] = primary["ratio"], primary["spread"]
+    summary["cost"] = {"threads": cost["threads"], "primary_threads": cost["primary_threads"],
+                       "speedup_by_threads": speedups, "warnings": cost["warnings"]}
+    summary["train_threads"] = stage_threads(job.run_dir.file("metrics.jsonl"))
     return summary
 
 
 def evaluate_run_dir(run_dir: Path, *, log=print, trust_checkpoint: bool = False) -> dict:
-    """Re-evaluate a finished run directory from its config and weights files (``kdistill eval DIR``)."""
+    """Re-evaluate a finished run directory from its config and weights files (``kdistill eval DIR``).
+
+    The run's ``summary.json`` is left as it is: the new measurement goes to ``RUN_DIR/eval-<time>.json``, whose
+    path the returned summary holds under ``"file"``."""
+    import time
+
     from kdistill.tasks import load_resolved
 
     run_dir = Path(run_dir)
     cfg = load_resolved(run_dir / "config.yaml")
+    stages = (["teacher"] if not cfg.teacher.weights else []) + (["baseline"] if cfg.baseline else []) + ["student"]
+    missing = [name for name in stages if not (run_dir / f"{name}.safetensors").is_file()]
+    if missing:
+        raise KDError(f"{run_dir} is not finished: stage(s) {', '.join(missing)} have no weights yet",
+                      fix=f"resume with: kdistill run {run_dir}")
     job = SchemeJob.start(cfg, run_dir, log=log, trust_checkpoint=trust_checkpoint)
     teacher = _teacher_model(job)
     teacher_path = cfg.teacher.weights or run_dir / "teacher.safetensors"
@@ -171,8 +216,13 @@ def evaluate_run_dir(run_dir: Path, *, log=print, trust_checkpoint: bool = False
     student = _trained_student(job, "student")
     baseline = _trained_student(job, "baseline") if (run_dir / "baseline.safetensors").is_file() else None
     summary = summarize(teacher, student, baseline, job)
-    job.run_dir.write_summary(summary)
-    return summary
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name, n = f"eval-{stamp}.json", 1
+    while (run_dir / name).exists():
+        n += 1
+        name = f"eval-{stamp}-{n}.json"
+    job.run_dir.write_summary(summary, name=name)
+    return {**summary, "file": str(run_dir / name)}
 
 
 def _trained_student(job: SchemeJob, stage: str) -> nn.Module:

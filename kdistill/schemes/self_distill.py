@@ -4,13 +4,19 @@
   labels; generation k+1, the same architecture freshly initialized, learns from the frozen generation k with
   the KD objective. Optionally the generations' ensemble (BAN ensemble) is evaluated too.
 * **Be Your Own Teacher** (Zhang et al. 2019): auxiliary classifier exits on intermediate taps; each exit i
-  minimizes ``(1 - alpha) CE(q_i, y) + alpha T^2 KL(softmax(z_C / T) || softmax(z_i / T))``, the final output
-  z_C being the (detached) teacher, while the final classifier learns from the labels. Shallow layers get the
-  exits' gradients; the exported model is the plain student (exits are for evaluation or early exit).
-  (The paper's third term, an L2 hint from the deepest features to each exit's bottleneck, is not included.)
+  (a bottleneck B_i: pool, linear, ReLU, then a linear classifier) minimizes
+
+      (1 - alpha) CE(z_i, y) + alpha T^2 KL(softmax(z_C / T) || softmax(z_i / T)) + lambda ||F_i - F_C||_2^2
+
+  the final output z_C and the deepest features F_C (the input of the student's last linear layer, or the
+  `hint` tap) being the detached teacher, F_i = B_i(feature_i) the exit's bottleneck features (as wide as F_C;
+  the squared L2 is summed over features, averaged over the batch), while the final classifier learns from the
+  labels. Shallow layers get the exits' gradients; the exported model is the plain student (exits are for
+  evaluation or early exit). ``hint_weight`` = lambda (0 turns the hint off).
 * **Progressive self-knowledge distillation** (PS-KD, Kim et al. 2021): the target of sample x at epoch t is
   ``(1 - a_t) * onehot(y) + a_t * p_{t-1}(x)``, p_{t-1}(x) the model's own prediction for x when it last saw x
-  (the previous epoch), ``a_t = alpha_T * t / T`` over T epochs. The snapshot is a buffer of the side, so it is
+  (the previous epoch), ``a_t = alpha_T * (t + 1) / T`` for epochs t = 0..T-1 (the authors' code: the last
+  epoch reaches alpha_T; in epoch 0 no prediction exists yet and the target is the label). The snapshot is a buffer of the side, so it is
   checkpointed and survives a resume (single process: under DDP each rank would need its own store).
 """
 
@@ -55,12 +61,15 @@ class ByotScheme(Strict):
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the KD term of each exit (1 - alpha weighs CE)")
     temperature: float = Field(3.0, gt=0)
     pool: int = Field(4, ge=1, description="adaptive-pool size of conv features before an exit head")
-    hidden: int = Field(128, ge=1, description="hidden width of an exit head")
+    hidden: int = Field(128, ge=1, description="bottleneck width of an exit head (without the hint)")
+    hint_weight: float = Field(0.01, ge=0, description="lambda of the L2 hint from the deepest features (0: off)")
+    hint: Optional[str] = Field(None, description="module path of the deepest features (default: the input of "
+                                                  "the student's last linear layer)")
 
 
 class SnapshotScheme(Strict):
     """Progressive self-knowledge distillation (Kim et al. 2021): the target is (1 - a_t) y + a_t p_prev(x),
-    p_prev the model's own prediction for x in the previous epoch, a_t rising linearly to `alpha`."""
+    p_prev the model's own prediction for x in the previous epoch, a_t = alpha (t + 1) / T in epoch t of T."""
 
     name: Literal["snapshot"]
     alpha: float = Field(0.8, ge=0, le=1)
@@ -128,18 +137,36 @@ class ExitHead(nn.Module):
         else:
             raise WiringError(f"an exit needs a feature of shape (B, D), (B, C, L) or (B, C, H, W), got "
                               f"(B, {', '.join(map(str, feature_shape))})", fix="tap another module")
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(width, hidden), nn.ReLU(),
-                                        nn.Linear(hidden, num_classes))
+        self.bottleneck = nn.Sequential(nn.Flatten(), nn.Linear(width, hidden), nn.ReLU())
+        self.classifier = nn.Linear(hidden, num_classes)
+
+    def features(self, feature: torch.Tensor) -> torch.Tensor:
+        """F_i: the bottleneck's output (B, hidden), what the hint compares with the deepest features."""
+        return self.bottleneck(self.pool(feature))
 
     def forward(self, feature: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.pool(feature))
+        return self.classifier(self.features(feature))
+
+
+def last_linear(model: nn.Module) -> nn.Linear:
+    """The last `nn.Linear` of `model` in module order (the classifier whose input is the deepest feature)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise WiringError("the BYOT hint needs the deepest features: the student has no nn.Linear layer",
+                          where="scheme.hint", fix="set scheme.hint to the module path of the deepest features, "
+                                                   "or scheme.hint_weight: 0")
+    return linears[-1]
+
+
+_DEEPEST = "__deepest__"  # the tap name of the deepest features (F_C)
 
 
 class ByotSide(SchemeSide):
-    """Student + exit heads: forward -> (output, {ce, <exit>_ce, <exit>_kd})."""
+    """Student + exit heads: forward -> (output, {ce, <exit>_ce, <exit>_kd, <exit>_hint})."""
 
     def __init__(self, student: nn.Module, exits: Mapping[str, str], *, alpha: float = 0.5,
-                 temperature: float = 3.0, pool: int = 4, hidden: int = 128):
+                 temperature: float = 3.0, pool: int = 4, hidden: int = 128, hint_weight: float = 0.01,
+                 hint: Optional[str] = None):
         super().__init__()
         if not exits:
             raise WiringError("be-your-own-teacher needs at least one exit", where="scheme.exits",
@@ -148,13 +175,30 @@ class ByotSide(SchemeSide):
         self.heads = nn.ModuleDict()
         self.exits = dict(exits)
         self.alpha, self.temperature, self.pool, self.hidden = alpha, temperature, pool, hidden
-        self._taps = Taps(student, self.exits)
+        self.hint_weight = hint_weight
+        specs = dict(self.exits)
+        self._deepest: Optional[nn.Module] = None
+        if hint_weight > 0:
+            if hint is not None:
+                specs[_DEEPEST] = hint
+            else:
+                self._deepest = last_linear(student)
+        self._taps = Taps(student, specs)
         self.step = 0
 
     def _run(self, inputs):
-        with self._taps:
-            out = call_model(self.student, inputs)
-            features = self._taps.pop()
+        captured = {}
+        hook = None
+        if self._deepest is not None:
+            hook = self._deepest.register_forward_pre_hook(lambda m, args: captured.__setitem__(_DEEPEST, args[0]))
+        try:
+            with self._taps:
+                out = call_model(self.student, inputs)
+                features = self._taps.pop()
+        finally:
+            if hook is not None:
+                hook.remove()
+        features.update(captured)
         return out, features
 
     def build(self, inputs, teacher_values, labels) -> None:
@@ -162,12 +206,14 @@ class ByotSide(SchemeSide):
             raise WiringError("be-your-own-teacher needs labels 'y'")
         out, features = self._run(inputs)
         num_classes = logits_of(out).shape[-1]
+        deepest = features.pop(_DEEPEST, None)
+        hidden = self.hidden if deepest is None else deepest.flatten(1).shape[1]   # F_i as wide as F_C
         for name, feature in features.items():
             if name not in self.heads:
                 if not torch.is_tensor(feature):
                     raise WiringError(f"exit '{name}' tap gives a {type(feature).__name__}, not a tensor",
                                       fix="add a selector, e.g. 'layer:0'")
-                head = ExitHead(tuple(feature.shape[1:]), num_classes, self.pool, self.hidden)
+                head = ExitHead(tuple(feature.shape[1:]), num_classes, self.pool, hidden)
                 self.heads[name] = head.to(feature.device)
 
     def forward(self, inputs, teacher_values, labels):
@@ -175,10 +221,15 @@ class ByotSide(SchemeSide):
         final = logits_of(out)
         terms = {"ce": ce(final, labels)}
         target = final.detach()
+        deepest = features.pop(_DEEPEST, None)
         for name, head in self.heads.items():
-            z = head(features[name])
+            bottleneck = head.features(features[name])
+            z = head.classifier(bottleneck)
             terms[f"{name}_ce"] = (1 - self.alpha) * ce(z, labels)
             terms[f"{name}_kd"] = self.alpha * kd(z, target, self.temperature)
+            if deepest is not None:
+                gap = bottleneck.float() - deepest.detach().flatten(1).float()
+                terms[f"{name}_hint"] = self.hint_weight * gap.pow(2).sum(-1).mean()
         return out, terms
 
 
@@ -207,11 +258,13 @@ class ByotObjective(SideObjective):
 
 
 def train_byot(student: nn.Module, exits: Mapping[str, str], data, train_cfg: TrainConfig, *, alpha: float = 0.5,
-               temperature: float = 3.0, pool: int = 4, hidden: int = 128, seed: int = 0,
-               run_dir: Optional[Path] = None, stage: str = "byot", progress: bool = False,
-               log=print) -> tuple[nn.Module, dict[str, ExitModel]]:
-    """Train `student` with auxiliary exits on `exits` (name -> module path); returns (student, exit models)."""
-    objective = ByotObjective(student, exits, alpha=alpha, temperature=temperature, pool=pool, hidden=hidden)
+               temperature: float = 3.0, pool: int = 4, hidden: int = 128, hint_weight: float = 0.01,
+               hint: Optional[str] = None, seed: int = 0, run_dir: Optional[Path] = None, stage: str = "byot",
+               progress: bool = False, log=print) -> tuple[nn.Module, dict[str, ExitModel]]:
+    """Train `student` with auxiliary exits on `exits` (name -> module path); returns (student, exit models).
+    `hint_weight` > 0 adds the L2 hint from the deepest features (`hint`, default the last linear's input)."""
+    objective = ByotObjective(student, exits, alpha=alpha, temperature=temperature, pool=pool, hidden=hidden,
+                              hint_weight=hint_weight, hint=hint)
     student = _self_stage(stage, objective, data, train_cfg, seed=seed, run_dir=run_dir, progress=progress, log=log)
     return student, objective.exit_models()
 
@@ -220,7 +273,8 @@ def train_byot(student: nn.Module, exits: Mapping[str, str], data, train_cfg: Tr
 def run_byot(job: SchemeJob) -> dict:
     cfg, s = job.cfg, job.cfg.scheme
     student, exit_models = train_byot(job.student(), s.exits, job.bundle.train, cfg.train, alpha=s.alpha,
-                                      temperature=s.temperature, pool=s.pool, hidden=s.hidden, seed=cfg.seed + 3,
+                                      temperature=s.temperature, pool=s.pool, hidden=s.hidden,
+                                      hint_weight=s.hint_weight, hint=s.hint, seed=cfg.seed + 3,
                                       **job.stage_options)
     models = {}
     if cfg.baseline:
@@ -249,8 +303,9 @@ class SnapshotSide(SchemeSide):
         self.step = 0
 
     def alpha_at(self, step: int) -> float:
-        """a_t = alpha_T * t / T, t the epoch of `step` (0-based), T the number of epochs."""
-        return self.alpha * (step // self.steps_per_epoch) / self.total_epochs
+        """a_t = alpha_T * (t + 1) / T, t the epoch of `step` (0-based), T the number of epochs (the authors'
+        code: the last epoch reaches alpha_T)."""
+        return self.alpha * min(step // self.steps_per_epoch + 1, self.total_epochs) / self.total_epochs
 
     def build(self, inputs, teacher_values, labels, index) -> None:
         if labels is None or index is None:

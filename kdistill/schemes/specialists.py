@@ -7,7 +7,9 @@
 3. A specialist per group learns |group| + 1 classes: the group's classes and a *dustbin* for everything else.
    Its training set is every example of its group plus `dustbin_ratio` times as many random others (as the
    dustbin), so half its data (ratio 1) is from its group; it starts from the generalist's weights where shapes
-   match.
+   match. Its in-group classes are oversampled, so its dustbin logit is corrected (Hinton et al., sec. 5.2:
+   "incrementing the logit of the dustbin class by the log of the proportion by which the specialist class is
+   oversampled"; see `dustbin_logit_shift`).
 4. Generalist + specialists form the teacher. For input x, the active specialists A are those whose group meets
    the generalist's top-k classes; the teacher's distribution q solves (Hinton et al., eq. 5)::
 
@@ -21,6 +23,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Optional, Sequence
 
 import torch
@@ -107,6 +110,37 @@ def specialist_data(data: ArrayDataset, group: Sequence[int], num_classes: int, 
     return ArrayDataset(rows, f"{data.name}-specialist-{'-'.join(map(str, group))}")
 
 
+def dustbin_logit_shift(in_group_train: float, in_group_true: float) -> float:
+    """The correction added to a specialist's dustbin logit for its resampled training set.
+
+    Resampling keeps each class's inputs, p'(x | c) = p(x | c), and changes the class prior from pi_c (the full
+    labelled data) to s_c (the specialist's set). Every in-group example is kept, so s_c / pi_c = S / P for each
+    in-group class c, and the dustbin is a uniform sample of the rest, so its ratio is (1 - S) / (1 - P), where
+    S and P are the in-group fractions of the specialist's set and of the full data. By Bayes the specialist
+    learns p'(c | x) ∝ p(c | x) s_c / pi_c, i.e. its logits are the unbiased ones plus log(S / P) (in-group)
+    or log((1 - S) / (1 - P)) (dustbin). A softmax ignores a common shift, so adding
+
+        delta = log(S / (1 - S)) - log(P / (1 - P))
+
+    to the dustbin logit alone gives back p(c | x) on the specialist's |group| + 1 classes: the log of the odds
+    ratio by which the group is oversampled (2 of 10 balanced classes at half the data: delta = log 4).
+    """
+    if not (0 < in_group_train < 1 and 0 < in_group_true < 1):
+        raise WiringError(f"in-group fractions must lie in (0, 1), got {in_group_train} (specialist set) and "
+                          f"{in_group_true} (full data)", where="scheme.dustbin_ratio")
+    odds = lambda f: math.log(f / (1 - f))  # noqa: E731
+    return odds(in_group_train) - odds(in_group_true)
+
+
+def sampling_shift(data: ArrayDataset, group: Sequence[int], specialist_set: ArrayDataset) -> float:
+    """`dustbin_logit_shift` of a specialist's set (`specialist_data`) drawn from the labelled rows of `data`."""
+    y = data.tensors["y"]
+    labelled = y[y != -100]
+    true = float(torch.isin(labelled, torch.as_tensor(list(group))).double().mean())
+    train = float((specialist_set.tensors["y"] < len(group)).double().mean())
+    return dustbin_logit_shift(train, true)
+
+
 def combine_specialists(generalist_probs: torch.Tensor, specialist_probs: Sequence[torch.Tensor],
                         groups: Sequence[Sequence[int]], active: torch.Tensor, iterations: int = 100) -> torch.Tensor:
     """The distribution q (B, C) minimizing KL(p_g || q) + sum over active m of KL(p_m || q_m) (EM iteration).
@@ -142,10 +176,14 @@ class SpecialistEnsemble(nn.Module):
     """Generalist + specialists as one teacher model: x -> log q (see the module docstring)."""
 
     def __init__(self, generalist: nn.Module, specialists: Sequence[nn.Module], groups: Sequence[Sequence[int]],
-                 top_k: int = 2, iterations: int = 100):
+                 top_k: int = 2, iterations: int = 100, dustbin_shifts: Optional[Sequence[float]] = None):
         super().__init__()
         if len(specialists) != len(groups):
             raise WiringError(f"{len(specialists)} specialists for {len(groups)} groups")
+        shifts = [0.0] * len(groups) if dustbin_shifts is None else [float(d) for d in dustbin_shifts]
+        if len(shifts) != len(groups):
+            raise WiringError(f"{len(shifts)} dustbin shifts for {len(groups)} specialists")
+        self.dustbin_shifts = shifts  # added to each specialist's dustbin logit (`dustbin_logit_shift`)
         self.generalist = generalist
         self.specialists = nn.ModuleList(specialists)
         self.groups = [list(g) for g in groups]
@@ -158,7 +196,10 @@ class SpecialistEnsemble(nn.Module):
 
     def forward(self, x):
         p_g = torch.softmax(logits_of(call_model(self.generalist, x)).float(), -1)
-        p_s = [torch.softmax(logits_of(call_model(s, x)).float(), -1) for s in self.specialists]
+        p_s = []
+        for spec, shift in zip(self.specialists, self.dustbin_shifts):
+            z = logits_of(call_model(spec, x)).float()
+            p_s.append(torch.softmax(torch.cat([z[..., :-1], z[..., -1:] + shift], -1), -1))
         q = combine_specialists(p_g, p_s, self.groups, self.active(p_g), self.iterations)
         return q.clamp_min(1e-30).log()
 
@@ -182,15 +223,16 @@ def run(job: SchemeJob) -> dict:
     job.log(f"[specialists] confusable groups: {groups}")
     spec_cfg = s.specialist or cfg.teacher
     spec_train = s.specialist_train or cfg.teacher.train or cfg.train
-    specialists = []
+    specialists, shifts = [], []
     for m, group in enumerate(groups):
         model = job.model(spec_cfg, cfg.seed + 303 + m, "scheme.specialist", num_classes=len(group) + 1)
         copy_matching(generalist, model)
         data = specialist_data(bundle.train, group, bundle.num_classes, dustbin_ratio=s.dustbin_ratio,
                                seed=cfg.seed + m)
+        shifts.append(sampling_shift(bundle.train, group, data))
         specialists.append(freeze(train_ce(f"specialist{m}", model, data, spec_train, seed=cfg.seed + 40 + m,
                                            **job.stage_options)))
-    teacher = SpecialistEnsemble(generalist, specialists, groups, s.top_k).eval()
+    teacher = SpecialistEnsemble(generalist, specialists, groups, s.top_k, dustbin_shifts=shifts).eval()
     student = job.distill("student", job.student(), teacher, seed=cfg.seed + 3)
     teacher_logits = predict_logits(teacher, bundle.test)
     models = {"generalist": job.evaluate(generalist),
@@ -205,4 +247,4 @@ def run(job: SchemeJob) -> dict:
         gen_logits = predict_logits(generalist, test)[:, group]
         within[f"specialist{m}"] = {"group": group, "accuracy_within_group": accuracy(logits, test.tensors["y"]),
                                     "generalist_within_group": accuracy(gen_logits, test.tensors["y"])}
-    return job.finish(models, groups=groups, specialists=within)
+    return job.finish(models, groups=groups, dustbin_shifts=shifts, specialists=within)

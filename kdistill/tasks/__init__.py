@@ -81,8 +81,17 @@ def parse_any(data: Any, source: str = "config", overrides: Sequence[str] = ()) 
 
 
 def load_any(path: Union[str, Path], overrides: Sequence[str] = ()) -> tuple[Task, Any]:
-    """(task, validated config) of a config file, overrides applied; every mistake is a one-line `ConfigError`."""
-    return parse_any(read_yaml(path), str(path), overrides)
+    """(task, validated config) of a config file, overrides applied; every mistake is a one-line `ConfigError`.
+    The file's folder is where model import paths are looked for after the working directory."""
+    from kdistill.models import add_config_folder
+
+    data = read_yaml(path)
+    if isinstance(data, dict) and data.get("api") == "kdistill.distill":
+        raise ConfigError(f"{path} was written by the Python API (kdistill.distill): its models and data are Python "
+                          "objects, not config fields", fix="re-run it from Python with the same arguments "
+                                                             "(the run resumes), or read its summary.json")
+    add_config_folder(Path(path).parent)
+    return parse_any(data, str(path), overrides)
 
 
 def dump_config(cfg: Any) -> str:

@@ -3,23 +3,29 @@
 Run directory contract (every task, every scheme):
 
 * ``config.yaml``: the fully resolved config (overrides included), written atomically when the run starts; a
-  directory that holds a different run's config is refused (`RunDir.claim`), so a run is never mixed with another;
+  directory that holds a different run's config is refused once its training has started (`RunDir.claim` names
+  the changed fields), so a run is never mixed with another; one whose run never started training is reused.
+  `RunDir.reset` starts it over (``--fresh``) or restarts a stage and the stages after it (``--restart-stage``);
 * ``checkpoints/<stage>/step-N/`` and ``metrics.jsonl``: written by the engine, one stage at a time;
-* ``<stage>.safetensors``: the exported student of a finished stage; a stage whose file exists is done and is
-  loaded instead of trained (`run_stage`), an interrupted one resumes from its newest good checkpoint;
+* ``<stage>.safetensors``: the exported student of a finished stage, with its SHA-256 next to it
+  (``<stage>.safetensors.sha256``, the `sha256sum` format, verified on every load); a stage whose file exists is
+  done and is loaded instead of trained (`run_stage`), an interrupted one resumes from its newest good checkpoint;
 * ``summary.json``: written atomically at the end (`RunDir.write_summary`).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
+import yaml
 from torch import nn
 
 from kdistill.errors import CheckpointError, ConfigError, KDError
 from kdistill.files import atomic_write_bytes, load_weights, save_weights
+from kdistill.models.loading import verify_checksum, write_checksum
 
 __all__ = ["RunDir", "run_stage"]
 
@@ -29,9 +35,9 @@ class RunDir:
     reads a config file back (both the task's), so configs are compared resolved, not as typed."""
 
     def __init__(self, path: Optional[Union[str, Path]], cfg: Any = None, *, dump: Optional[Callable] = None,
-                 load: Optional[Callable] = None):
+                 load: Optional[Callable] = None, log: Callable[[str], None] = print):
         self.path = Path(path) if path is not None else None
-        self.cfg, self.dump, self.load = cfg, dump, load
+        self.cfg, self.dump, self.load, self.log = cfg, dump, load, log
 
     def __bool__(self) -> bool:
         return self.path is not None
@@ -40,7 +46,8 @@ class RunDir:
         return self.path / name if self.path is not None else None
 
     def claim(self) -> None:
-        """Create the folder and write the resolved config; refuse a folder that holds another run."""
+        """Create the folder and write the resolved config. A folder that holds another run's config is refused
+        (naming the changed fields) once that run has started training, and reused when it never did."""
         if self.path is None:
             return
         try:
@@ -57,15 +64,108 @@ class RunDir:
                 old = self.dump(self.load(existing)) if self.load is not None else existing.read_text()
             except ConfigError:
                 old = None
-            if old != resolved:
-                raise ConfigError(f"{self.path} holds a run with a different config.yaml",
-                                  fix="use another --out directory, or delete this one to start over")
-            return
+            if old == resolved:
+                return
+            if self.started():
+                changes = config_changes(old, resolved)
+                raise ConfigError(f"{self.path} holds a run with a different config.yaml whose training has started "
+                                  f"({changes}); resuming it would mix two configs", fix=RESTART_FIX)
+            self.log(f"note: {self.path} held a run that never started training: reusing it with this config")
         atomic_write_bytes(existing, resolved.encode())
+
+    def started(self) -> bool:
+        """Whether a run in this folder has trained anything: a stage's weights file or a finished checkpoint."""
+        from kdistill.engine.checkpoint import list_checkpoints
+
+        if self.path is None or not self.path.is_dir():
+            return False
+        if any(self.path.glob("*.safetensors")):
+            return True
+        folder = self.path / "checkpoints"
+        return folder.is_dir() and any(list_checkpoints(stage) for stage in folder.iterdir() if stage.is_dir())
+
+    def stages(self) -> list[str]:
+        """The stages this folder holds, in the order they first trained (metrics.jsonl), then any others."""
+        order: list[str] = []
+        metrics = self.path / "metrics.jsonl"
+        if metrics.is_file():
+            for line in metrics.read_text().splitlines():
+                try:
+                    stage = json.loads(line).get("stage")
+                except (ValueError, AttributeError):
+                    continue
+                if isinstance(stage, str) and stage not in order:
+                    order.append(stage)
+        found = {p.name[:-len(".safetensors")] for p in self.path.glob("*.safetensors")}
+        found = {name[:-len(".side")] if name.endswith(".side") else name for name in found}
+        if (self.path / "checkpoints").is_dir():
+            found |= {p.name for p in (self.path / "checkpoints").iterdir() if p.is_dir()}
+        return order + sorted(found - set(order))
+
+    def reset(self, *, fresh: bool = False, restart_stage: Optional[str] = None, log=print) -> list[str]:
+        """Forget results so the next `claim` starts over: everything this package writes (``fresh``), or the
+        stage `restart_stage` and every stage that trained after it (their weights and checkpoints; the config
+        and the summary are rewritten by the next run). Returns the stages forgotten."""
+        if self.path is None or not self.path.is_dir():
+            return []
+        stages = self.stages()
+        if fresh:
+            for name in ("config.yaml", "metrics.jsonl", "checkpoints", "teacher-cache", "student"):
+                _remove(self.path / name)
+            for pattern in ("*.safetensors", "*.safetensors.sha256", "summary*.json"):
+                for item in self.path.glob(pattern):
+                    _remove(item)
+            log(f"note: {self.path}: started over (--fresh)")
+            return stages
+        if restart_stage not in stages:
+            raise ConfigError(f"--restart-stage {restart_stage}: {self.path} holds no stage of that name",
+                              fix=f"use one of: {', '.join(stages) or 'none (nothing trained yet)'}")
+        dropped = stages[stages.index(restart_stage):]
+        for stage in dropped:
+            _remove(self.path / "checkpoints" / stage)
+            for suffix in (".safetensors", ".safetensors.sha256", ".side.safetensors", ".side.safetensors.sha256"):
+                _remove(self.path / f"{stage}{suffix}")
+        for name in ("config.yaml", "summary.json"):
+            _remove(self.path / name)
+        kept = [s for s in stages if s not in dropped]
+        log(f"note: {self.path}: restarting stage(s) {', '.join(dropped)} under the new config"
+            + (f"; kept, trained under the old config: {', '.join(kept)}" if kept else ""))
+        return dropped
 
     def write_summary(self, summary: dict, name: str = "summary.json") -> None:
         if self.path is not None:
             atomic_write_bytes(self.path / name, json.dumps(summary, indent=2).encode())
+
+
+RESTART_FIX = ("run again with --restart-stage STAGE to retrain STAGE and the stages after it under the new config, "
+               "or --fresh to start this run over (Python: fresh=True), or use another --out directory")
+
+
+def config_changes(old: Optional[str], new: str, limit: int = 4) -> str:
+    """The fields that differ between two resolved configs (YAML texts), as ``path: old -> new`` items."""
+    if old is None:
+        return "its config.yaml cannot be read"
+    flat_old, flat_new = _flatten(yaml.safe_load(old)), _flatten(yaml.safe_load(new))
+    changed = [f"{k}: {flat_old.get(k, '(unset)')} -> {flat_new.get(k, '(unset)')}"
+               for k in sorted(set(flat_old) | set(flat_new)) if flat_old.get(k, "(unset)") != flat_new.get(k, "(unset)")]
+    more = f"; +{len(changed) - limit} more" if len(changed) > limit else ""
+    return "; ".join(changed[:limit]) + more
+
+
+def _flatten(value: Any, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def _as_run_dir(run_dir: Union[RunDir, Path, str, None]) -> Optional[Path]:
@@ -94,11 +194,18 @@ def run_stage(name: str, objective, data, train_cfg, *, seed: int, run_dir: Unio
         try:
             if side_weights and side_file.is_file():
                 objective.build(_first_batch(data, train_cfg.batch_size))
-                objective.side.load_state_dict(load_weights(side_file))
+                state = load_weights(side_file)
+                verify_checksum(side_file)
+                objective.side.load_state_dict(state)
             else:
-                objective.export_student().load_state_dict(load_weights(weights))
+                state = load_weights(weights)
+                verify_checksum(weights)
+                objective.export_student().load_state_dict(state)
         except CheckpointError as err:  # damaged: the stage's final checkpoint holds the same weights
             log(f"warning: {err}; re-creating it from the stage's checkpoints")
+            if _from_final_checkpoint(name, objective, data, train_cfg, folder, weights, side_file, side_weights, log):
+                log(f"[{name}] done earlier: re-created {weights}")
+                return objective.export_student(), None
         else:
             log(f"[{name}] done earlier: loaded {weights}")
             return objective.export_student(), None
@@ -111,8 +218,30 @@ def run_stage(name: str, objective, data, train_cfg, *, seed: int, run_dir: Unio
             side_state = objective.side.state_dict()
             if len(side_state) > len(student_state):
                 save_weights(side_file, side_state, {"stage": name, "steps": result["steps"]})
+                write_checksum(side_file)
         save_weights(weights, student_state, {"stage": name, "steps": result["steps"]})
+        write_checksum(weights)
     return student, result
+
+
+def _from_final_checkpoint(name, objective, data, train_cfg, folder: Path, weights: Path, side_file: Path,
+                           side_weights: bool, log) -> bool:
+    """Write a finished stage's weights file again from its final checkpoint, without the engine (its metrics
+    lines stay as they are); False when there is no good checkpoint at the final step (the stage then resumes)."""
+    from kdistill.engine.checkpoint import load_latest
+
+    ck = load_latest(folder / "checkpoints" / name, log=log)
+    if ck is None or ck["step"] != train_cfg.steps:
+        return False
+    objective.build(_first_batch(data, train_cfg.batch_size))
+    objective.side.load_state_dict(ck["weights"])
+    meta = {"stage": name, "steps": ck["step"]}
+    if side_weights and len(objective.side.state_dict()) > len(objective.export_student().state_dict()):
+        save_weights(side_file, objective.side.state_dict(), meta)
+        write_checksum(side_file)
+    save_weights(weights, objective.export_student().state_dict(), meta)
+    write_checksum(weights)
+    return True
 
 
 def _first_batch(data, batch_size: int) -> dict:
