@@ -2,8 +2,9 @@
 
 Kim & Rush (2016): instead of matching the teacher's per-token distributions, train the student with plain
 next-token cross-entropy on sequences the teacher generated; they take the teacher's beam-search output (an
-approximation of its mode, ``Sampling(do_sample=False, num_beams=5)``), sampling is the other option. The teacher is only a function
-``prompts -> texts``: an API, a program, or a local model (`HFGenerator`); tokenizers may differ.
+approximation of its mode, ``Sampling(do_sample=False, num_beams=5)``), sampling is the other option. The
+teacher is only a function ``prompts -> texts``: an API, a program, or a local model (`HFGenerator`); tokenizers
+may differ.
 
     teacher = HFGenerator(model, tokenizer, Sampling(max_new_tokens=64, temperature=0.7, top_p=0.9, seed=0))
     rows = generate_dataset(teacher, prompts, "runs/x/teacher.jsonl")     # resumable

@@ -16,8 +16,9 @@
 * **Progressive self-knowledge distillation** (PS-KD, Kim et al. 2021): the target of sample x at epoch t is
   ``(1 - a_t) * onehot(y) + a_t * p_{t-1}(x)``, p_{t-1}(x) the model's own prediction for x when it last saw x
   (the previous epoch), ``a_t = alpha_T * (t + 1) / T`` for epochs t = 0..T-1 (the authors' code: the last
-  epoch reaches alpha_T; in epoch 0 no prediction exists yet and the target is the label). The snapshot is a buffer of the side, so it is
-  checkpointed and survives a resume (single process: under DDP each rank would need its own store).
+  epoch reaches alpha_T; in epoch 0 no prediction exists yet and the target is the label). The snapshot is a
+  buffer of the side, so it is checkpointed and survives a resume (single process: under DDP each rank would need
+  its own store).
 """
 
 from __future__ import annotations
