@@ -91,7 +91,7 @@ def _config_path(config: Path, out: Optional[Path]) -> tuple[Path, Path]:
 @app.command()
 def demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="run directory"),
          progress: bool = typer.Option(True, "--progress/--no-progress")) -> None:
-    """Distil a 1-D CNN teacher into an MLP on mnist1d (embedded real data) and print the comparison."""
+    """Distil a 1-D CNN teacher into a 13x smaller CNN on mnist1d (embedded real data) and print the comparison."""
     from kdistill.config import parse_config
     from kdistill.demo import DEMO_CONFIG
 
