@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from kdistill.provenance import git_revision  # noqa: E402
 BUSY_LOOP = "while True:\n    pass\n"
 
 
@@ -105,13 +108,6 @@ class Competitor:
     def __exit__(self, *exc):
         self.proc.terminate()
         self.proc.wait()
-
-
-def git_revision() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def main() -> None:

@@ -36,7 +36,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,6 +54,7 @@ from kdistill.schemes.lifelong import lifelong  # noqa: E402
 from kdistill.schemes.multi_teacher import MultiTeacher  # noqa: E402
 from kdistill.schemes.mutual import train_mutual  # noqa: E402
 from kdistill.schemes.self_distill import born_again  # noqa: E402
+from kdistill.provenance import git_revision  # noqa: E402
 from kdistill.seeding import seeded_build  # noqa: E402
 
 ROW_ORDER = ["scratch", "kd", "dml_peer", "dml_ensemble", "born_again_1", "born_again_2", "born_again_3",
@@ -178,16 +178,6 @@ def _lwf(rows, context, base, bundle, student_cfg, timed) -> None:
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def git_revision() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return rev.stdout.strip() + ("+uncommitted" if dirty.strip() else "")
 
 
 def summarize(per_seed: list[dict], contexts: list[dict]) -> tuple[list[dict], dict]:

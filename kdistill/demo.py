@@ -12,6 +12,8 @@ labelled only by the teacher, whose outputs are computed once and cached (`teach
 ``benchmarks/results/demo.json``, where the README's numbers come from.
 """
 
+from kdistill.provenance import git_revision
+
 DEMO_CONFIG = {
     "seed": 0,
     "data": {"name": "mnist1d", "train_size": 1000, "transfer": {"size": 40000, "seed": 1}},
@@ -27,19 +29,6 @@ DEMO_CONFIG = {
               "checkpoint_every": 1000},
     "baseline": True,
 }
-
-
-def _revision() -> str:
-    import subprocess
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return rev.stdout.strip() + ("+uncommitted" if dirty.strip() else "")
 
 
 def measure(json_path: str, out: str) -> dict:
@@ -64,7 +53,7 @@ def measure(json_path: str, out: str) -> dict:
             for name in ("teacher", "baseline", "student")}
     t, s, b = rows["teacher"], rows["student"], rows["baseline"]
     result = {
-        "command": f"python -m kdistill.demo --json {json_path} --out {out}", "git_revision": _revision(),
+        "command": f"python -m kdistill.demo --json {json_path} --out {out}", "git_revision": git_revision(),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpu_count": os.cpu_count(),
         "wall_seconds": seconds, "load_average_before": load_before, "load_average_after": os.getloadavg(),
