@@ -7,9 +7,9 @@ ROOT = Path(__file__).resolve().parents[1] / "kdistill"
 
 # the ground floor: these import nothing above them
 GROUND = ("data", "models", "losses", "evaluate", "errors", "taps", "adapters", "files", "seeding", "outputs",
-          "configbase", "train_config")
+          "configbase", "train_config", "provenance")
 ABOVE = ("engine", "schemes", "distiller", "config", "llm", "encoders", "cli", "tasks", "objective", "wiring",
-         "teachers", "demo", "report", "progress")
+         "teachers", "demo", "report", "progress", "api")
 MAX_LINES = 400
 
 
