@@ -50,6 +50,7 @@ class DataConfig(Strict):
     root: Optional[str] = Field(None, description="folder of the Fashion-MNIST IDX files")
     seed: int = Field(0, description="seed of the dataset generator / split")
     train_size: Optional[int] = Field(None, ge=1, description="keep only the first N training samples")
+    test_size: Optional[int] = Field(None, ge=1, description="evaluate on the first N test samples only (quick runs)")
     transfer: TransferConfig = TransferConfig()
     augment: Optional[AugmentConfig] = Field(None, description="random augmentation of the training inputs")
 

@@ -138,4 +138,8 @@ def load_data(cfg) -> DataBundle:
     if cfg.train_size:
         t = bundle.train.tensors
         bundle.train = ArrayDataset({k: v[:cfg.train_size] for k, v in t.items()}, bundle.train.name)
+    test_size = getattr(cfg, "test_size", None)
+    if test_size:
+        t = bundle.test.tensors
+        bundle.test = ArrayDataset({k: v[:test_size] for k, v in t.items()}, bundle.test.name)
     return bundle
