@@ -2,6 +2,9 @@ import os
 
 import pytest
 import torch
+from torch import nn
+
+from kdistill.data import ArrayDataset
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -30,3 +33,16 @@ def tiny_config(**over):
         else:
             cfg[key] = value
     return cfg
+
+
+def blobs(n=256, d=6, classes=3, seed=0):
+    """Gaussian blobs: an easy, seconds-long classification task."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(classes, d, generator=g) * 3
+    y = torch.randint(0, classes, (n,), generator=g)
+    return ArrayDataset({"x": centers[y] + torch.randn(n, d, generator=g), "y": y}, "blobs")
+
+
+def mlp(seed=0, d=6, classes=3, hidden=16):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, classes))

@@ -35,14 +35,6 @@ from kdistill.teachers import CacheSpec, CachedTeacher, build_cache  # noqa: E40
 VOCAB = 64
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_config(layers=4, hidden=32, heads=4, **kw):
     return BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                       intermediate_size=2 * hidden, max_position_embeddings=32, **kw)

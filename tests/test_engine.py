@@ -8,24 +8,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdistill.config import TrainConfig
-from kdistill.data import ArrayDataset
 from kdistill.errors import DataError
 from kdistill.distiller import Distiller, LiveTeacher, Term
 from kdistill.engine import Engine, StepSampler
 from kdistill.engine.checkpoint import list_checkpoints
 
-
-def blobs(n=256, d=6, classes=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    centers = torch.randn(classes, d, generator=g) * 3
-    y = torch.randint(0, classes, (n,), generator=g)
-    x = centers[y] + torch.randn(n, d, generator=g)
-    return ArrayDataset({"x": x, "y": y}, "blobs")
-
-
-def mlp(seed=0, d=6, classes=3, hidden=16):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+from tests.conftest import blobs, mlp
 
 
 def test_training_reduces_loss_and_logs_terms(tmp_path):

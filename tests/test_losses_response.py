@@ -14,15 +14,6 @@ from kdistill.errors import WiringError
 from kdistill.losses import CRDLoss, call_term, get_loss, loss_names, ce, dist, dkd, jsd, kd, kl, skew_kl, tvd
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """These tensors are tiny: intra-op threads only add overhead (and stall badly on a busy CPU)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # references (plain Python floats)
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,17 +16,7 @@ from kdistill.schemes.lifelong import task_accuracy, warm_up
 from kdistill.schemes.mutual import MutualObjective, mutual_kl, train_mutual
 from kdistill.schemes.specialists import SpecialistEnsemble, dustbin_logit_shift, sampling_shift, specialist_data
 
-
-def blobs(n=256, d=6, classes=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    centers = torch.randn(classes, d, generator=g) * 3
-    y = torch.randint(0, classes, (n,), generator=g)
-    return ArrayDataset({"x": centers[y] + torch.randn(n, d, generator=g), "y": y}, "blobs")
-
-
-def mlp(seed=0, d=6, classes=3, hidden=16):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+from tests.conftest import blobs, mlp
 
 
 def kl_rows(p, q):

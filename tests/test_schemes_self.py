@@ -6,26 +6,14 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from kdistill.config import TrainConfig
-from kdistill.data import ArrayDataset
 from kdistill.engine import Engine
 from kdistill.schemes import self_distill
 from kdistill.schemes.mutual import MutualObjective, train_mutual
 from kdistill.schemes.self_distill import SnapshotObjective, born_again, train_byot
 
-
-def blobs(n=256, d=6, classes=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    centers = torch.randn(classes, d, generator=g) * 3
-    y = torch.randint(0, classes, (n,), generator=g)
-    return ArrayDataset({"x": centers[y] + torch.randn(n, d, generator=g), "y": y}, "blobs")
-
-
-def mlp(seed=0, d=6, classes=3, hidden=16):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+from tests.conftest import blobs, mlp
 
 
 def cfg(steps=20, batch_size=32, **kw):

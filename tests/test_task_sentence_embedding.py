@@ -23,14 +23,6 @@ MISSING = [name for name in NEEDED if importlib.util.find_spec(name) is None]
 VOCAB = 64
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_teacher_and_tokenizer(tmp_path):
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
