@@ -24,6 +24,10 @@ def test_threads_doc_busy_machine_numbers():
     assert f"and {result['auto_vs_best_busy']:.2f}x when it is busy" in text
     assert f"took {result['demo_quiet_s']:.1f} s quiet and {result['demo_busy_s']:.1f} s" in text
     assert f"({result['demo_busy_over_quiet']:.2f}x)" in text
+    busy, quiet = result["step_ms"]["busy"], result["step_ms"]["quiet"]
+    assert (f"all cores cost {busy['teacher']['2'] / busy['teacher']['1']:.1f}x (teacher) and "
+            f"{busy['student']['2'] / busy['student']['1']:.1f}x (student) the 1-thread step time") in text
+    assert f"2 threads were {100 * (quiet['teacher']['1'] / quiet['teacher']['2'] - 1):.0f} % faster" in text
     # the acceptance, as measured
     assert result["demo_busy_s"] <= 2.5 * result["demo_quiet_s"]
     assert result["auto_vs_best_quiet"] <= 1.3 and result["auto_vs_best_busy"] <= 1.3
