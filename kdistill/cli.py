@@ -150,6 +150,33 @@ def eval_cmd(run_dir: Path = typer.Argument(..., help="a finished run directory"
     print(task.table(task.evaluate(run_dir, trust_checkpoint=trust_checkpoint)))
 
 
+@app.command("export")
+def export_cmd(run_dir: Path = typer.Argument(..., help="a finished run directory"),
+               format: str = typer.Option("onnx", "--format", help="export format (onnx)"),
+               int8: Optional[list[str]] = typer.Option(None, "--int8", help="also write an onnxruntime int8 model: "
+                                                                          "dynamic or static (repeatable)")) -> None:
+    """Export a finished run's final model (ONNX fp32, int8 variants), check it against PyTorch, and measure
+    every artifact on its runtime (the summary's ``deployed`` rows)."""
+    from kdistill.compress.config import ExportConfig
+    from kdistill.configbase import validate
+    from kdistill.tasks import load_any
+
+    if not (run_dir / "config.yaml").is_file():
+        raise KDError(f"{run_dir} is not a run directory (no config.yaml)", fix="give the --out of a finished run")
+    export_cfg = validate(ExportConfig, {"format": format, "int8": list(int8 or [])}, "kdistill export")
+    task, cfg = load_any(run_dir / "config.yaml")
+    scheme = getattr(getattr(cfg, "scheme", None), "name", "offline")
+    if task.export is None or scheme != "offline":
+        raise KDError(f"{run_dir} is a '{task.name if task.export is None else scheme}' run; 'kdistill export' "
+                      "exports runs of task classification (scheme offline) and sentence_embedding",
+                      fix="add an export: section to the config and run it (finished stages are loaded, not "
+                          "retrained)")
+    summary = task.export(run_dir, export_cfg)
+    from kdistill.report import with_deployed
+
+    print(with_deployed(summary).strip())
+
+
 cache_app = typer.Typer(no_args_is_help=True, help="Teacher-output cache: build it once, train from it.")
 app.add_typer(cache_app, name="cache")
 

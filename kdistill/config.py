@@ -14,6 +14,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from kdistill.compress.config import CompressStep, ExportConfig, check_steps
 from kdistill.configbase import Strict, read_yaml
 from kdistill.schemes.assistant import AssistantScheme
 from kdistill.schemes.cross_modal import CrossModalScheme
@@ -150,6 +151,14 @@ class RunConfig(Strict):
     eval: EvalConfig = EvalConfig()
     scheme: SchemeConfig = Field(default_factory=OfflineScheme, discriminator="name",
                                  description="who teaches whom: 'offline' (default), 'mutual', 'born_again', ...")
+    compress: list[CompressStep] = Field(default_factory=list, description="prune / low_rank / quantize stages "
+                                         "after distillation, each with KD recovery (scheme offline)")
+    export: Optional[ExportConfig] = Field(None, description="ONNX export (fp32, int8) of the final model")
+
+    @field_validator("compress")
+    @classmethod
+    def _compress_order(cls, v):
+        return check_steps(v)
 
     @field_validator("scheme", mode="before")
     @classmethod
@@ -170,6 +179,13 @@ class RunConfig(Strict):
                 raise ValueError(f"teacher.cache is only supported by scheme 'offline', not '{name}'; remove it")
             if self.data.augment is not None:
                 raise ValueError(f"data.augment is only supported by scheme 'offline', not '{name}'; remove it")
+        return self
+
+    @model_validator(mode="after")
+    def _compress_needs_offline(self) -> "RunConfig":
+        if (self.compress or self.export is not None) and self.scheme.name != "offline":
+            raise ValueError(f"compress / export run after scheme 'offline' only, not '{self.scheme.name}': "
+                             "remove compress / export, or distil with scheme 'offline'")
         return self
 
     @model_validator(mode="after")

@@ -72,8 +72,20 @@ def models_table(summary: dict) -> str:
 def summary_table(summary: dict) -> str:
     """The table of a classification run's summary, whatever its scheme."""
     if summary.get("scheme", "offline") == "offline" and "teacher" in summary and "student" in summary:
-        return comparison_table(summary)
-    return models_table(summary)
+        table = comparison_table(summary)
+    else:
+        table = models_table(summary)
+    return table + with_deployed(summary)
 
 
-__all__ = ["comparison_table", "models_table", "summary_table", "text_table"]
+def with_deployed(summary: dict) -> str:
+    """The ``deployed`` rows of a summary (compressed / exported artifacts on their runtime) as a second table,
+    or '' when there are none. Every task's table ends with it."""
+    if not summary.get("deployed"):
+        return ""
+    from kdistill.evaluate.deploy import deployed_table
+
+    return "\n\ndeployed (each artifact on its runtime, timed interleaved):\n" + deployed_table(summary["deployed"])
+
+
+__all__ = ["comparison_table", "models_table", "summary_table", "text_table", "with_deployed"]

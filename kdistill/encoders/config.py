@@ -11,6 +11,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, field_validator
 
+from kdistill.compress.config import CompressStep, ExportConfig, check_steps
 from kdistill.configbase import Strict
 from kdistill.train_config import TrainConfig
 
@@ -109,4 +110,12 @@ class EncoderRunConfig(Strict):
                                      weight_decay=0.01, log_every=100, group_by_length=True)
     scratch: ScratchSpec = ScratchSpec()
     eval: EvalSpec = EvalSpec()
+    compress: list[CompressStep] = Field(default_factory=list, description="prune / low_rank / quantize stages "
+                                         "after distillation, each with recovery from the cached teacher")
+    export: Optional[ExportConfig] = Field(None, description="ONNX export (fp32, int8) of the final encoder")
+
+    @field_validator("compress")
+    @classmethod
+    def _compress_order(cls, v):
+        return check_steps(v)
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from kdistill.compress.config import CompressStep, ExportConfig, check_steps
 from kdistill.configbase import Strict
 from kdistill.losses.lm import DIVERGENCES
 from kdistill.train_config import TrainConfig
@@ -106,6 +107,14 @@ class LMRunConfig(Strict):
                                      weight_decay=0.0, clip_grad_norm=1.0, log_every=10)
     baseline: bool = Field(True, description="also train the student with next-token CE only, same steps and data")
     eval: LMEvalConfig = LMEvalConfig()
+    compress: list[CompressStep] = Field(default_factory=list, description="prune / low_rank / quantize stages "
+                                         "after distillation, each with KD recovery")
+    export: Optional[ExportConfig] = Field(None, description="ONNX export (fp32, int8) of the final LM")
+
+    @field_validator("compress")
+    @classmethod
+    def _compress_order(cls, v):
+        return check_steps(v)
 
     @model_validator(mode="after")
     def _cache_or_on_policy(self) -> "LMRunConfig":

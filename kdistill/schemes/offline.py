@@ -59,6 +59,12 @@ def _stages_to_train(job: SchemeJob) -> dict[str, int]:
     if cfg.baseline:
         stages["baseline"] = cfg.train.steps
     stages["student"] = cfg.train.steps
+    from kdistill.compress.config import stage_names
+
+    for name, step in zip(stage_names(cfg.compress), cfg.compress):
+        if step.kind != "quantize" or step.quantize.mode == "qat":
+            if step.settings.recovery.steps:
+                stages[name] = step.settings.recovery.steps
     return {name: steps for name, steps in stages.items()
             if not (job.run_dir and job.run_dir.file(f"{name}.safetensors").is_file())}
 
@@ -93,7 +99,10 @@ def _run(job: SchemeJob) -> dict:
                                         progress=job.progress, log=job.log) or teacher
     student = job.distill("student", job.student(), student_teacher, student_data, seed=cfg.seed + 3,
                           eval_fn=job.accuracy_eval(cfg.train))
-    summary = summarize(teacher, student, baseline, job)
+    from kdistill.schemes.deploy import compress_and_export
+
+    artifacts = compress_and_export(job, student, student_teacher, student_data)
+    summary = summarize(teacher, student, baseline, job, artifacts)
     job.run_dir.write_summary(summary)
     return summary
 
@@ -166,10 +175,12 @@ def _preflight(job: SchemeJob, teacher: Optional[nn.Module], terms, student_taps
         teacher.cpu()
 
 
-def summarize(teacher: nn.Module, student: nn.Module, baseline: Optional[nn.Module], job: SchemeJob) -> dict:
+def summarize(teacher: nn.Module, student: nn.Module, baseline: Optional[nn.Module], job: SchemeJob,
+              artifacts: Optional[list] = None) -> dict:
     """Quality of each model, then their cost measured together (interleaved rounds at fixed thread counts), the
     ratios (``speedup``: the teacher's latency over the student's, round by round, at the primary thread count)
-    and the training stages' thread counts (``train_threads``, from metrics.jsonl)."""
+    and the training stages' thread counts (``train_threads``, from metrics.jsonl). With compressed or exported
+    `artifacts` (or a config asking for them) the ``deployed`` rows are added (`deployed`)."""
     from kdistill.engine.threads import stage_threads
     from kdistill.evaluate import round_ratio
 
@@ -189,6 +200,10 @@ def summarize(teacher: nn.Module, student: nn.Module, baseline: Optional[nn.Modu
     summary["cost"] = {"threads": cost["threads"], "primary_threads": cost["primary_threads"],
                        "speedup_by_threads": speedups, "warnings": cost["warnings"]}
     summary["train_threads"] = stage_threads(job.run_dir.file("metrics.jsonl"))
+    if artifacts:
+        from kdistill.schemes.deploy import deployed
+
+        summary["deployed"] = deployed(job, teacher, student, artifacts, teacher_logits)
     return summary
 
 
@@ -210,12 +225,14 @@ def evaluate_run_dir(run_dir: Path, *, log=print, trust_checkpoint: bool = False
                       fix=f"resume with: kdistill run {run_dir}")
     job = SchemeJob.start(cfg, run_dir, log=log, trust_checkpoint=trust_checkpoint)
     teacher = _teacher_model(job)
-    teacher_path = cfg.teacher.weights or run_dir / "teacher.safetensors"
-    load_into(teacher, load_state_dict_file(teacher_path, where="teacher.weights", trust=trust_checkpoint),
-              where="teacher.weights", source=str(teacher_path))
+    path = teacher_path(cfg, run_dir)
+    load_into(teacher, load_state_dict_file(path, where="teacher.weights", trust=trust_checkpoint),
+              where="teacher.weights", source=str(path))
     student = _trained_student(job, "student")
     baseline = _trained_student(job, "baseline") if (run_dir / "baseline.safetensors").is_file() else None
-    summary = summarize(teacher, student, baseline, job)
+    from kdistill.schemes.deploy import optional_artifacts
+
+    summary = summarize(teacher, student, baseline, job, optional_artifacts(job, student))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name, n = f"eval-{stamp}.json", 1
     while (run_dir / name).exists():
@@ -225,10 +242,16 @@ def evaluate_run_dir(run_dir: Path, *, log=print, trust_checkpoint: bool = False
     return {**summary, "file": str(run_dir / name)}
 
 
+def teacher_path(cfg: "RunConfig", run_dir: Path) -> Path:
+    """The teacher's weights of a run: its configured file, else the run's trained ``teacher.safetensors``."""
+    return Path(cfg.teacher.weights) if cfg.teacher.weights else Path(run_dir) / "teacher.safetensors"
+
+
 def _trained_student(job: SchemeJob, stage: str) -> nn.Module:
     model = job.student()
     model.load_state_dict(load_state_dict_file(job.run_dir.file(f"{stage}.safetensors"), where=f"{stage}.safetensors"))
     return model
 
 
-__all__ = ["OfflineScheme", "build_teacher_cache", "evaluate_run_dir", "run", "summarize", "teacher_cache"]
+__all__ = ["OfflineScheme", "build_teacher_cache", "evaluate_run_dir", "run", "summarize", "teacher_cache",
+           "teacher_path"]

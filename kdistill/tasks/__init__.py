@@ -35,7 +35,8 @@ class Task:
 
     ``run(cfg, run_dir, *, progress, log, **options) -> summary`` runs the whole job (stages resume, the summary
     is written atomically); ``table(summary) -> str`` is the text printed at the end; ``build_cache`` (optional)
-    is `kdistill cache build`; ``evaluate`` (optional) re-measures a finished run directory."""
+    is `kdistill cache build`; ``evaluate`` (optional) re-measures a finished run directory; ``export``
+    (optional) is `kdistill export RUN_DIR`: ``export(run_dir, export_cfg, log=...) -> summary``."""
 
     name: str
     config: type
@@ -43,6 +44,7 @@ class Task:
     table: Callable[[dict], str]
     build_cache: Optional[Callable[..., Any]] = None
     evaluate: Optional[Callable[..., dict]] = None
+    export: Optional[Callable[..., dict]] = None
 
     def parse(self, data: Any, source: str = "config") -> Any:
         from kdistill.configbase import validate

@@ -112,6 +112,14 @@ def run(cfg: LMRunConfig, run_dir: Any = None, *, progress: bool = True, log: Ca
         baseline, baseline_result = run_stage("baseline", ce_distiller, train_data, cfg.train, **stage)
         baseline = baseline.eval()
 
+    from kdistill.tasks.lm_deploy import compress_and_export
+
+    artifacts = compress_and_export(
+        cfg, folder, student, lambda m: lm_distiller(cfg, m, source, tokenizer),
+        lambda m: LMDistiller(m, None, kd_weight=0.0, ce_weight=1.0, chunk_size=cfg.distill.chunk_size,
+                              tokenizer=tokenizer),
+        train_data, corpus["train"], heldout, progress=progress, log=log)
+
     t0 = time.perf_counter()
     student_kd_ppl = perplexity(student, heldout, batch_size=bs)
     student_ce_ppl = perplexity(baseline, heldout, batch_size=bs) if baseline is not None else None
@@ -153,6 +161,10 @@ def run(cfg: LMRunConfig, run_dir: Any = None, *, progress: bool = True, log: Ca
         "torch_threads": torch.get_num_threads(),
         "seconds": seconds,
     }
+    if artifacts:
+        from kdistill.tasks.lm_deploy import deployed_rows
+
+        summary["deployed"] = deployed_rows(cfg, folder, teacher, student, artifacts, heldout)
     if folder:
         student.save_pretrained(folder.file("student"))
         if hasattr(tokenizer, "save_pretrained"):
@@ -177,7 +189,9 @@ def table(summary: dict[str, Any]) -> str:
                      f"({summary['train_tokens']:,} training tokens)")
     if summary.get("tokens_per_s") is not None:
         lines.append(f"KD arm: {summary['tokens_per_s']:.0f} training tokens/s")
-    return "\n".join(lines)
+    from kdistill.report import with_deployed
+
+    return "\n".join(lines) + with_deployed(summary)
 
 
 def build_cache(cfg: LMRunConfig, run_dir: Any, *, rebuild: bool = False, progress: bool = True,

@@ -29,4 +29,10 @@ def _evaluate(run_dir, **options) -> dict:
     return evaluate_run_dir(run_dir, **options)
 
 
-TASK = Task("classification", RunConfig, _run, summary_table, _build_cache, _evaluate)
+def _export(run_dir, export_cfg, **options) -> dict:
+    from kdistill.schemes.deploy import export_run_dir
+
+    return export_run_dir(run_dir, export_cfg, **options)
+
+
+TASK = Task("classification", RunConfig, _run, summary_table, _build_cache, _evaluate, _export)

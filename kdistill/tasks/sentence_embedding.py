@@ -188,6 +188,11 @@ def run(cfg: EncoderRunConfig, run_dir=None, *, progress: bool = False, log: Cal
                 scratch, results["scratch"] = run_stage("scratch", scratch_distiller, data, cfg.train,
                                                         seed=cfg.seed + 3, run_dir=run, progress=progress, log=log)
             models["scratch"] = scratch.eval()
+        from kdistill.tasks.embedding_deploy import compress_and_export
+
+        artifacts = compress_and_export(
+            cfg, run, student, lambda m: EncoderDistiller(m, cached["train"], terms_from_specs(cfg.distill.terms)),
+            data, train_texts, corpus.heldout, tokenizer, progress=progress, log=log)
 
     with _timed(seconds, "evaluation", log, "evaluation"):
         report = _evaluate(cfg, corpus, models, teacher_heldout, teacher_probe, embed)
@@ -219,6 +224,12 @@ def run(cfg: EncoderRunConfig, run_dir=None, *, progress: bool = False, log: Cal
         "models": report,
         "seconds": seconds,
     }
+    if artifacts:
+        from kdistill.tasks.embedding_deploy import deployed_rows
+
+        with _timed(seconds, "deployed", log, "deployed artifacts"):
+            summary["deployed"] = deployed_rows(cfg, run, teacher, student, artifacts, corpus.heldout, tokenizer,
+                                                teacher_heldout, embed)
     if run:
         student.save(run.file("student"), tokenizer, max_seq_length=max_length)
         run.write_summary(summary)
@@ -252,7 +263,9 @@ def summary_table(summary: dict) -> str:
     lines.append(f"compression {summary['compression']:.2f}x fewer parameters; probe retention "
                  f"{pct(summary['probe_retention'])}; latency ratio (student/teacher, batch 1) "
                  f"{summary['latency_ratio']:.3f}")
-    return "\n".join(lines)
+    from kdistill.report import with_deployed
+
+    return "\n".join(lines) + with_deployed(summary)
 
 
 TASK = Task("sentence_embedding", EncoderRunConfig, run, summary_table)
