@@ -22,7 +22,7 @@ from kdistill.schemes.lifelong import LifelongScheme
 from kdistill.schemes.multi_teacher import MultiTeacherScheme
 from kdistill.schemes.mutual import MutualScheme
 from kdistill.schemes.offline import OfflineScheme
-from kdistill.schemes.sections import CacheConfig, ModelConfig, TeacherConfig
+from kdistill.schemes.sections import CacheConfig, ModelConfig, StudentConfig, TeacherConfig
 from kdistill.schemes.selective import SelectiveScheme
 from kdistill.schemes.self_distill import BornAgainScheme, ByotScheme, SnapshotScheme
 from kdistill.schemes.specialists import SpecialistsScheme
@@ -144,7 +144,7 @@ class RunConfig(Strict):
     data: DataConfig = DataConfig()
     teacher: Optional[TeacherConfig] = Field(None, description="required by schemes offline, specialists, assistant, "
                                                                  "cross_modal, selective")
-    student: ModelConfig
+    student: StudentConfig
     distill: DistillConfig = DistillConfig()
     train: TrainConfig = TrainConfig()
     baseline: bool = Field(True, description="also train the student without a teacher, same budget")
@@ -179,6 +179,19 @@ class RunConfig(Strict):
                 raise ValueError(f"teacher.cache is only supported by scheme 'offline', not '{name}'; remove it")
             if self.data.augment is not None:
                 raise ValueError(f"data.augment is only supported by scheme 'offline', not '{name}'; remove it")
+        return self
+
+    @model_validator(mode="after")
+    def _student_from_teacher(self) -> "RunConfig":
+        """``student: {from_teacher: {width, depth}}``: the student's name and kwargs from the teacher's family
+        (`kdistill.models.builders`), filled in so every reader of ``cfg.student`` sees a plain model section."""
+        from kdistill.errors import KDError
+        from kdistill.models.builders import resolved_student_config
+
+        try:
+            object.__setattr__(self, "student", resolved_student_config(self.student, self.teacher))
+        except KDError as err:
+            raise ValueError(str(err)) from None
         return self
 
     @model_validator(mode="after")

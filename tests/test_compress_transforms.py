@@ -283,3 +283,27 @@ def test_arch_bad_specs(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(KDError, match="cannot read"):
         load_spec(tmp_path / "bad.json")
+
+
+def test_kxk_conv_channel_decomposition_is_exact_at_full_rank_and_reloads(tmp_path):
+    """A 3x3 conv (stride 2, padding 1, dilation 1) as an r-channel 3x3 conv then a 1x1 conv: at the full rank
+    of its (out, in * 9) matrix the float64 model gives the same outputs; a truncated one shrinks and reloads."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 20, 3, stride=2, padding=1).double()
+    full = min(20, 6 * 9)
+    new, kept = factorize(conv, full)
+    x = torch.randn(3, 6, 9, 9, dtype=torch.float64)
+    assert isinstance(new, LowRankConv) and new.down.kernel_size == (3, 3) and new.up.kernel_size == (1, 1)
+    assert kept == pytest.approx(1.0) and torch.allclose(new(x), conv(x), atol=1e-10)
+    model = build_model("cnn2d", {"channels": [16, 32, 64]}, input_shape=(1, 28, 28), num_classes=10)
+    example = torch.randn(2, 1, 28, 28)
+    small, report = low_rank(model, example, rank=8)
+    assert "features.2.0" in report["layers"] and report["layers"]["features.2.0"]["in"] == 16 * 9
+    assert report["params_after"] < report["params_before"]
+    assert any(k["path"] == "head" for k in report["kept"])
+    save_spec(tmp_path / "a.json", architecture(small))
+    fresh = build_model("cnn2d", {"channels": [16, 32, 64]}, input_shape=(1, 28, 28), num_classes=10)
+    rebuild(fresh, load_spec(tmp_path / "a.json"))
+    fresh.load_state_dict(small.state_dict())
+    small.eval(), fresh.eval()
+    assert torch.equal(fresh(example), small(example))

@@ -1,4 +1,4 @@
-"""Low-rank factorization: replace Linear layers and 1x1 convolutions by two thinner layers (truncated SVD).
+"""Low-rank factorization: replace Linear layers and convolutions by two thinner layers (truncated SVD).
 
 A layer computes ``y = W x + b`` with ``W`` of shape (out, in). With the SVD ``W = U S V^T`` (computed in float64),
 the rank-r truncation ``W_r = U_r S_r V_r^T`` is the best rank-r approximation in the Frobenius and spectral norms
@@ -11,9 +11,11 @@ so ``up(down(x)) = W_r x + b``. It saves parameters and multiply-adds only when 
 other layers are kept. The rank is fixed (`rank`) or the smallest one keeping a fraction `energy` of the
 squared singular values: ``sum_{i<=r} s_i^2 >= energy * sum_i s_i^2``.
 
-A 1x1 convolution is the same matrix applied at every position: the first new conv takes the original stride,
-padding and padding mode (with no bias, padded positions stay zero, so the result is unchanged), the second is
-a plain 1x1 conv with the original bias.
+A convolution (groups 1) is the matrix ``W`` of shape (out, in * kernel) applied at every position (its weight
+flattened per output channel; for a 1x1 conv, (out, in)). Its factorization is the channel decomposition: the
+first new conv has ``r`` output channels with the original kernel, stride, padding, dilation and padding mode
+and no bias (so padded positions stay zero and the result is unchanged), the second is a 1x1 conv ``r -> out``
+with the original bias. Parameters and multiply-adds shrink when ``r (in * kernel + out) < in * kernel * out``.
 """
 
 from __future__ import annotations
@@ -48,18 +50,19 @@ class LowRankLinear(nn.Module):
 
 
 class LowRankConv(nn.Module):
-    """Two 1x1 convolutions (``dim`` 1 or 2): in -> rank (the original stride/padding, no bias) -> out (bias)."""
+    """Two convolutions (``dim`` 1 or 2): in -> rank (the original kernel, stride, padding, dilation; no bias),
+    then a 1x1 conv rank -> out (bias)."""
 
     def __init__(self, dim: int, in_channels: int, rank: int, out_channels: int, stride=1, padding=0,
-                 padding_mode: str = "zeros", bias: bool = True):
+                 padding_mode: str = "zeros", bias: bool = True, kernel_size=1, dilation=1):
         super().__init__()
         if dim not in (1, 2):
             raise KDError(f"LowRankConv supports 1-D and 2-D convolutions, got dim={dim}",
                           where="compress.low_rank")
         conv = nn.Conv1d if dim == 1 else nn.Conv2d
         self.dim, self.in_channels, self.rank, self.out_channels = dim, int(in_channels), int(rank), int(out_channels)
-        self.down = conv(self.in_channels, self.rank, 1, stride=stride, padding=padding, bias=False,
-                         padding_mode=padding_mode)
+        self.down = conv(self.in_channels, self.rank, kernel_size, stride=stride, padding=padding, bias=False,
+                         padding_mode=padding_mode, dilation=dilation)
         self.up = conv(self.rank, self.out_channels, 1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,21 +73,22 @@ class LowRankConv(nn.Module):
         return {"dim": self.dim, "in_channels": self.in_channels, "rank": self.rank,
                 "out_channels": self.out_channels, "stride": list(d.stride),
                 "padding": d.padding if isinstance(d.padding, str) else list(d.padding),
-                "padding_mode": d.padding_mode, "bias": self.up.bias is not None}
+                "padding_mode": d.padding_mode, "bias": self.up.bias is not None,
+                "kernel_size": list(d.kernel_size), "dilation": list(d.dilation)}
 
 
 def _matrix(layer: nn.Module) -> torch.Tensor:
-    """The (out, in) weight matrix of a Linear or a 1x1 conv."""
+    """The (out, in * kernel) weight matrix of a Linear or a conv (its weight flattened per output channel)."""
     w = layer.weight.detach()
-    return w.reshape(w.shape[0], w.shape[1])
+    return w.reshape(w.shape[0], -1)
 
 
 def factorizable(layer: nn.Module) -> bool:
-    """A Linear, or a 1x1 Conv1d/Conv2d with groups 1 and dilation irrelevant (kernel 1)."""
+    """A Linear, or a Conv1d/Conv2d with groups 1 (any kernel)."""
     if type(layer) is nn.Linear:
         return True
     if type(layer) in (nn.Conv1d, nn.Conv2d):
-        return all(k == 1 for k in layer.kernel_size) and layer.groups == 1
+        return layer.groups == 1
     return False
 
 
@@ -115,13 +119,14 @@ def factorize(layer: nn.Module, rank: int) -> tuple[nn.Module, float]:
     w = _matrix(layer)
     down, up, kept = split_weight(w, rank)
     r = down.shape[0]
-    out_f, in_f = w.shape
+    out_f, in_f = w.shape[0], layer.weight.shape[1]
     has_bias = layer.bias is not None
     if isinstance(layer, nn.Linear):
         new = LowRankLinear(in_f, r, out_f, bias=has_bias)
     else:
         new = LowRankConv(1 if isinstance(layer, nn.Conv1d) else 2, in_f, r, out_f, stride=layer.stride,
-                          padding=layer.padding, padding_mode=layer.padding_mode, bias=has_bias)
+                          padding=layer.padding, padding_mode=layer.padding_mode, bias=has_bias,
+                          kernel_size=layer.kernel_size, dilation=layer.dilation)
     new = new.to(device=layer.weight.device, dtype=layer.weight.dtype)
     with torch.no_grad():
         new.down.weight.copy_(down.reshape(new.down.weight.shape).to(layer.weight.dtype))
@@ -139,7 +144,7 @@ def _params(model: nn.Module) -> int:
 def low_rank(model: nn.Module, example: Any = None, *, rank: Optional[int] = None, energy: Optional[float] = None,
              skip: Sequence[str] = (), min_features: int = 16,
              where: str = "compress.low_rank") -> tuple[nn.Module, dict]:
-    """Factorize every Linear and 1x1 Conv1d/Conv2d of a copy of `model` (the input is not modified).
+    """Factorize every Linear and Conv1d/Conv2d (groups 1) of a copy of `model` (the input is not modified).
 
     Args:
         example: an input (tensor, tuple of arguments or dict of keyword arguments) for one forward pass that
@@ -179,10 +184,11 @@ def low_rank(model: nn.Module, example: Any = None, *, rank: Optional[int] = Non
         if path in heads:
             kept.append({"path": path, "why": "output layer"})
             continue
-        out_f, in_f = layer.weight.shape[:2]
-        if min(in_f, out_f) < min_features:
-            kept.append({"path": path, "why": f"min(in, out) = {min(in_f, out_f)} < min_features {min_features}"})
+        out_ch, in_ch = layer.weight.shape[:2]
+        if min(in_ch, out_ch) < min_features:
+            kept.append({"path": path, "why": f"min(in, out) = {min(in_ch, out_ch)} < min_features {min_features}"})
             continue
+        out_f, in_f = _matrix(layer).shape  # in_f: the fan-in (in channels x kernel for a conv)
         if energy is not None:
             s = torch.linalg.svdvals(_matrix(layer).double())
             r = rank_for_energy(s, float(energy))
