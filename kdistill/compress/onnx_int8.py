@@ -80,22 +80,30 @@ def _preprocessed(src: Path, out: Path) -> Path:
     import contextlib
     import io
 
+    import tempfile
+
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     quiet = io.StringIO()  # symbolic shape inference prints notes ("unsupported broadcast ...") to stdout
-    try:
-        with contextlib.redirect_stdout(quiet):
-            quant_pre_process(str(src), str(out), skip_symbolic_shape=False)
-        return out
-    except Exception:  # symbolic shape inference rejects some graphs: quantize the original
-        out.unlink(missing_ok=True)
+    given = src
+    src, out = Path(src).resolve(), Path(out).resolve()
+    # it also writes scratch files (sym_shape_infer_temp.onnx, *.data) into the working directory: run it in a
+    # temporary one so nothing is left behind in the user's folder
+    with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
+        try:
+            with contextlib.redirect_stdout(quiet):
+                quant_pre_process(str(src), str(out), skip_symbolic_shape=False)
+            return out
+        except Exception:  # symbolic shape inference rejects some graphs: quantize the original
+            out.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
         try:
             with contextlib.redirect_stdout(quiet):
                 quant_pre_process(str(src), str(out), skip_symbolic_shape=True)
             return out
         except Exception:
             out.unlink(missing_ok=True)
-            return src
+            return given
 
 
 def quantize_onnx(src: Union[str, Path], dst: Union[str, Path], mode: str, *,
