@@ -35,7 +35,7 @@ from kdistill.files import atomic_write_bytes, load_weights, save_weights
 from kdistill.tasks.job import RunDir, run_stage
 from kdistill.train_config import TrainConfig
 
-__all__ = ["Artifact", "CompressContext", "final_name", "recovery_train", "run_compress",
+__all__ = ["Artifact", "CompressContext", "compress_and_export", "final_name", "recovery_train", "run_compress",
            "run_export"]
 
 
@@ -241,6 +241,18 @@ def run_export(export: ExportConfig, model: nn.Module, name: str, ctx: CompressC
         ctx.log(f"[export] {dst.name}: top-1 agreement with fp32 {100 * info['top1_agreement']:.2f} %")
         out.append(Artifact(dst.name, "onnxruntime", OrtModel(dst), dst, info))
     return out
+
+
+def compress_and_export(steps: list[CompressStep], export: Optional[ExportConfig], ctx: CompressContext
+                        ) -> list[Artifact]:
+    """`run_compress`, then (with `export`) `run_export` of the final torch model (the last prune / low_rank
+    stage's, else the student): every task's compress-and-deploy step."""
+    artifacts = run_compress(steps, ctx)
+    if export is not None:
+        name = final_name(steps)
+        model = ctx.student if name == "student" else next(a.model for a in artifacts if a.name == name)
+        artifacts += run_export(export, model, name, ctx)
+    return artifacts
 
 
 def load_stage_model(run_dir: Path, name: str, base: nn.Module) -> nn.Module:

@@ -24,15 +24,10 @@ def compress_and_export(job: SchemeJob, student: nn.Module, teacher, data) -> li
     cfg = job.cfg
     if not cfg.compress and cfg.export is None:
         return []
-    from kdistill.compress.stages import final_name, run_compress, run_export
+    from kdistill.compress.stages import compress_and_export as run_all
 
     ctx = compress_context(job, student, teacher, data)
-    artifacts = run_compress(cfg.compress, ctx)
-    if cfg.export is not None:
-        name = final_name(cfg.compress)
-        model = student if name == "student" else next(a.model for a in artifacts if a.name == name)
-        artifacts += run_export(cfg.export, model, name, ctx)
-    return artifacts
+    return run_all(cfg.compress, cfg.export, ctx)
 
 
 def compress_context(job: SchemeJob, student: nn.Module, teacher, data):

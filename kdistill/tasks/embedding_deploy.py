@@ -33,7 +33,8 @@ def compress_and_export(cfg, run, student: nn.Module, distiller_for: Callable[[n
     """The run's compress steps and export on `student`; `distiller_for(model)` is the recovery objective."""
     if not cfg.compress and cfg.export is None:
         return []
-    from kdistill.compress.stages import CompressContext, final_name, run_compress, run_export
+    from kdistill.compress.stages import CompressContext
+    from kdistill.compress.stages import compress_and_export as run_all
 
     def objective(model: nn.Module, kind: str):
         if kind == "ce":
@@ -47,12 +48,7 @@ def compress_and_export(cfg, run, student: nn.Module, distiller_for: Callable[[n
                           lambda n: _batches(train_texts, tokenizer, max_length, 32, n),
                           lambda n: _batches(heldout_texts, tokenizer, max_length, 32, n),
                           progress=progress, log=log)
-    artifacts = run_compress(cfg.compress, ctx)
-    if cfg.export is not None:
-        name = final_name(cfg.compress)
-        model = student if name == "student" else next(a.model for a in artifacts if a.name == name)
-        artifacts += run_export(cfg.export, model, name, ctx)
-    return artifacts
+    return run_all(cfg.compress, cfg.export, ctx)
 
 
 @torch.no_grad()

@@ -26,7 +26,8 @@ def compress_and_export(cfg, folder, student: nn.Module, kd_objective: Callable[
     on `train_data`); calibration from training blocks, parity on held-out blocks."""
     if not cfg.compress and cfg.export is None:
         return []
-    from kdistill.compress.stages import CompressContext, final_name, run_compress, run_export
+    from kdistill.compress.stages import CompressContext
+    from kdistill.compress.stages import compress_and_export as run_all
 
     def objective(model: nn.Module, kind: str):
         return (ce_objective(model) if kind == "ce" else kd_objective(model)), train_data
@@ -37,12 +38,7 @@ def compress_and_export(cfg, folder, student: nn.Module, kd_objective: Callable[
     ctx = CompressContext(folder, student, heldout[:2], objective, cfg.train, cfg.seed + 5,
                           lambda n: batches(train_blocks, n), lambda n: batches(heldout, n),
                           progress=progress, log=log)
-    artifacts = run_compress(cfg.compress, ctx)
-    if cfg.export is not None:
-        name = final_name(cfg.compress)
-        model = student if name == "student" else next(a.model for a in artifacts if a.name == name)
-        artifacts += run_export(cfg.export, model, name, ctx)
-    return artifacts
+    return run_all(cfg.compress, cfg.export, ctx)
 
 
 @torch.no_grad()
