@@ -9,7 +9,7 @@ artifact on its own runtime (the run's ``deployed`` rows). Latency and bytes: on
 process of seed 0's artifacts side by side (`kdistill.evaluate.deploy.deployed_timing`: interleaved rounds, at 1
 thread and at all cores, batch 1 and 32).
 
-    python benchmarks/compress.py --json benchmarks/results/compress.json              # ~40 min on 2 cores
+    python benchmarks/compress.py --json benchmarks/results/compress.json              # ~50 min on 2 cores
     python benchmarks/compress.py --quick --json /tmp/compress_quick.json               # a check, ~4 min
 
 Headline keys (points: accuracy percentage points; ratios: new / reference): ``qat_int8_minus_fp32_points``,
@@ -44,7 +44,7 @@ def base_config(quick: bool) -> dict:
         "teacher": {"name": "cnn2d", "kwargs": {"channels": [32, 64, 128]},
                     "train": {"steps": 300 if quick else 4000, "batch_size": 128, "lr": 0.003,
                               "schedule": "onecycle", "log_every": 100}},
-        "student": {"name": "cnn2d", "kwargs": {"channels": [8, 16, 32]}},
+        "student": {"name": "cnn2d", "kwargs": {"channels": [16, 32, 64]}},
         "distill": {"alpha": 0.9, "temperature": 4.0},
         "train": {"steps": steps, "batch_size": 128, "lr": 0.003, "schedule": "onecycle", "log_every": 100,
                   "checkpoint_every": steps},
@@ -175,6 +175,40 @@ def timing(out: Path, quick: bool) -> dict:
     return {"timing": measured, "bytes": sizes, "torch_threads_default": torch.get_num_threads()}
 
 
+def int8_by_width(out: Path, quick: bool) -> dict:
+    """How the int8 gain depends on model size: cnn2d at three widths (freshly initialised; latency and bytes do
+    not depend on the weights' values), fp32 ONNX against static int8 ONNX (calibrated on 8 training batches),
+    onnxruntime, interleaved, at batch 1 and 32."""
+    import torch
+
+    from kdistill.compress.export import OrtModel, export_onnx
+    from kdistill.compress.onnx_int8 import quantize_onnx
+    from kdistill.config import parse_config
+    from kdistill.data import load_data
+    from kdistill.evaluate.deploy import deployed_timing
+    from kdistill.models.zoo import CNN2d
+
+    bundle = load_data(parse_config(base_config(quick)).data)
+    x = bundle.train.tensors["x"]
+    rows, models = {}, {}
+    for channels in ([8, 16, 32], [16, 32, 64], [32, 64, 128]):
+        torch.manual_seed(0)
+        name = "x".join(map(str, channels))
+        fp32 = export_onnx(CNN2d((1, 28, 28), 10, channels).eval(), x[:4], out / "width" / f"{name}.onnx")
+        int8 = quantize_onnx(fp32, out / "width" / f"{name}.int8-static.onnx", "static",
+                             calibration=[x[i * 64:(i + 1) * 64] for i in range(8)])
+        models[f"{name}_fp32"], models[f"{name}_int8"] = OrtModel(fp32), OrtModel(int8)
+        rows[name] = {"params": sum(p.numel() for p in CNN2d((1, 28, 28), 10, channels).parameters()),
+                      "bytes_fp32": fp32.stat().st_size, "bytes_int8": int8.stat().st_size}
+    measured = deployed_timing(models, x[:1], x[:32], threads="auto", repeats=20 if quick else 100)
+    at = measured["by_threads"][str(measured["primary_threads"])]
+    for name, row in rows.items():
+        row["bytes_ratio"] = row["bytes_int8"] / row["bytes_fp32"]
+        for b in ("b1", "b32"):
+            row[f"latency_ratio_{b}"] = at[f"{name}_int8"][f"latency_ms_{b}"] / at[f"{name}_fp32"][f"latency_ms_{b}"]
+    return {"rows": rows, "timing": measured}
+
+
 def minilm(out: Path, quick: bool) -> dict:
     """The MiniLM sentence-embedding student (examples/minilm.yaml at a reduced budget) exported to ONNX, fp32
     and int8 dynamic: Spearman against the teacher, bytes, latency (the run's deployed rows)."""
@@ -283,6 +317,8 @@ def main() -> None:
         seed_runs(seed, args.quick, out, None if seed == 0 else out / "kd-s0" / "teacher.safetensors", result)
         save()
     result["deploy"] = timing(out, args.quick)
+    save()
+    result["int8_by_width"] = int8_by_width(out, args.quick)
     save()
     if not args.no_minilm:
         result["minilm"] = minilm(out, args.quick)

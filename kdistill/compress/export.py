@@ -105,6 +105,21 @@ def _quiet_exporter() -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
+def _strip_debug_info(onnx, path: Path) -> None:
+    """Drop what the exporter records for debugging (each node's stack trace, module path and FX names in
+    ``metadata_props``, doc strings): it is a third of a small model's file and nothing a runtime reads."""
+    model = onnx.load(str(path))
+    graphs = [model.graph, *(f for f in model.functions)]
+    for graph in graphs:
+        graph.doc_string = ""
+        for node in graph.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+    for value in model.graph.value_info:
+        del value.metadata_props[:]
+    onnx.save(model, str(path))
+
+
 def export_onnx(model: nn.Module, example: Example, path: Union[str, Path], *, where: str = "student") -> Path:
     """Export `model`'s logits (or first tensor output) to one ONNX file at `path` and check it.
 
@@ -130,6 +145,7 @@ def export_onnx(model: nn.Module, example: Example, path: Union[str, Path], *, w
             torch.onnx.export(wrapper, (), str(tmp), kwargs={"input": example}, input_names=names,
                               output_names=["logits"], dynamo=True, external_data=False,
                               dynamic_shapes=_dynamic_shapes(example), optimize=True, verbose=False)
+        _strip_debug_info(onnx, tmp)
         onnx.checker.check_model(str(tmp))
         os.replace(tmp, path)
     except OSError as err:
