@@ -35,17 +35,39 @@ def test_quick_benchmark_runs_every_method_row(tmp_path):
         assert 0 <= row["top1_mean"] <= 1 and row["top1_std"] >= 0 and row["ms_per_step"] > 0
         assert len(row["top1_seeds"]) == len(result["seeds"])
     rows = {r["method"]: r for r in result["rows"]}
-    # trained-only parameters: FitNet's 1x1 conv adapter (16 -> 64 channels, no bias), CRD's heads; none elsewhere
-    assert rows["FitNet"]["train_only_params"] == 16 * 64
+    # trained-only parameters: FitNet's 1x1 conv adapter (16 -> 128 channels, no bias), CRD's heads; none elsewhere
+    assert rows["FitNet"]["train_only_params"] == 16 * 128
     assert rows["CRD"]["train_only_params"] > 0 and rows["KD+CRD"]["train_only_params"] > 0
     assert all(rows[m]["train_only_params"] == 0 for m in ("scratch", "KD", "DKD", "DIST", "AT", "SP", "RKD",
                                                            "PKT", "CC"))
-    assert result["compression"] >= 10
+    assert 10 <= result["compression"] <= 25  # a sensible student: 10-25x fewer parameters than the teacher
+    for row in result["rows"]:  # the 95 % interval contains the mean; every run has its held-out curve
+        assert row["ci95"][0] <= row["top1_mean"] <= row["ci95"][1]
+        assert all(curve[-1][0] == result["train"]["steps"] for curve in row["heldout_curves"])
+    conv = result["convergence"]
+    assert conv["double_steps"] == 2 * result["train"]["steps"] and result["scratch_converged"] == conv["converged"]
+    assert conv["converged"] == (conv["gain_points"] < 0.5)
+    assert result["git_revision"] and result["environment"]["threads"] == 1 and result["setting"] == "full labels"
     assert result["preset"] == "imagenet"  # Fashion-MNIST's default: the papers' T = 1 settings
     assert rows["KD"]["setting"] == "0.5 CE + 0.5 KD, T=1"
     assert result["command"].endswith("--quick --json " + str(out))
-    assert result["teacher"]["tap_shapes"] == {"feat": [64, 7, 7], "emb": [64, 1, 1], "logits": [10]}
+    assert result["teacher"]["tap_shapes"] == {"feat": [128, 7, 7], "emb": [128, 1, 1], "logits": [10]}
     assert all(f"| {m} |" in done.stdout for m in expected)
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="dataset-fashion-mnist missing")
+def test_few_labels_table_trains_scratch_on_the_labelled_rows_only(tmp_path):
+    out = tmp_path / "few.json"
+    done = bench("--dataset", "fashion_mnist", "--quick", "--labels", "1000", "--methods", "scratch", "KD",
+                 "--no-convergence-check", "--json", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    # --quick keeps 32 labels of 256 training rows (64 more are held out); KD reads all 256, scratch the 32
+    assert result["labels"] == 32 and result["setting"].startswith("32 labels")
+    assert rows["scratch"]["trained_rows"] == 32 and rows["KD"]["trained_rows"] == 256
+    assert result["scratch_converged"] is None and result["convergence"] is None
+    assert not out.with_suffix(".partial.json").exists()
 
 
 def _temperatures(terms):
