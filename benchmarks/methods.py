@@ -96,7 +96,9 @@ SETUPS: dict[str, Setup] = {
         student_taps={FEAT: "features", EMB: "pool"},    # (B, 16, 7, 7), (B, 16, 1, 1)
         teacher_train=TrainConfig(steps=3000, batch_size=128, lr=3e-3, schedule="onecycle", log_every=100,
                                   checkpoint_every=1000),
-        train=TrainConfig(steps=2500, batch_size=128, lr=1e-2, schedule="onecycle", log_every=100),
+        # 5000 steps = 11.6 epochs; peak lr 1e-2 for every row, chosen on the scratch row alone (held-out top-1 at
+        # 2500 steps: 88.3 % with 1e-2, 86.2 % with 3e-3; docs/methods.md)
+        train=TrainConfig(steps=5000, batch_size=128, lr=1e-2, schedule="onecycle", log_every=100),
         # 10 classes: at T = 4 this teacher's targets are nearly flat, so the temperature rows use the papers'
         # T = 1 (ImageNet) settings; see docs/methods.md
         preset="imagenet",
