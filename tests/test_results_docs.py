@@ -40,3 +40,41 @@ def test_results_doc_busy_demo_sentence():
     assert (f"{result['demo_busy_s']:.1f} s against {result['demo_quiet_s']:.1f} s quiet "
             f"({result['demo_busy_over_quiet']:.2f}x)") in text
     assert re.search(r"Wall time (\d+) s on 2 idle cores", text).group(1) == f"{load('demo.json')['wall_seconds']:.0f}"
+
+
+def test_compress_doc_numbers():
+    result = load("compress.json")
+    text = " ".join((ROOT / "docs" / "compress.md").read_text().split())
+    assert not result["quick"]
+    rev = result["git_revision"]
+    assert f"revision `{rev[:7]}{'+uncommitted' if rev.endswith('+uncommitted') else ''}`" in text
+    for key, stats in result["rows"].items():
+        lo, hi = stats["ci95"]
+        assert f"| {stats['mean']:.2f} ± {stats['std']:.2f} | [{lo:.2f}, {hi:.2f}] |" in text, key
+    for key in ("qat_int8_minus_fp32", "ptq_static_minus_fp32", "prune_kd_minus_ce", "lowrank_kd_minus_ce",
+                "width_minus_depth"):
+        s = result[key]
+        seeds = ", ".join(f"{v:+.2f}" for v in s["values"])
+        assert f"| {s['mean']:+.2f} ± {s['std']:.2f} | [{s['ci95'][0]:+.2f}, {s['ci95'][1]:+.2f}] | {seeds} |" in text
+    deploy = result["deploy"]
+    for name, t in deploy["timing"]["by_threads"][str(deploy["timing"]["primary_threads"])].items():
+        assert (f"| {name} | {deploy['bytes'][name]:,} | {t['latency_ms_b1']:.3f} | {t['latency_ms_b32']:.3f} |"
+                in text), name
+    for name, w in result["int8_by_width"]["rows"].items():
+        assert (f"| cnn2d {name.replace('x', '/')} | {w['params']:,} | {w['bytes_fp32']:,} | {w['bytes_int8']:,} | "
+                f"{w['bytes_ratio']:.2f} | {w['latency_ratio_b1']:.2f} | {w['latency_ratio_b32']:.2f} |") in text
+    for r in result["minilm"]["rows"]:
+        assert (f"| {r['name']} | {r['runtime']} | {r['spearman']:.4f} | {r['bytes']:,} | {r['latency_ms_b1']:.2f} | "
+                f"{r['latency_ms_b32']:.1f} |") in text
+    assert f"| {result['qat_int8_minus_fp32_points']:+.2f} points | met |" in text
+    assert f"| <= 0.3 | {result['int8_bytes_ratio']:.3f} | **missed** |" in text
+    assert f"| <= 0.7 | {result['int8_ort_latency_ratio_b32']:.2f} | **missed** |" in text
+    ratio = result["pipeline_bytes_ratio_vs_teacher"]
+    assert f"| {ratio:.3f} ({1 / ratio:.1f}x fewer) | aim missed |" in text
+    assert f"| aim >= 0.97 | {result['pipeline_retention']:.3f} | aim missed |" in text
+    assert (f"| {result['pipeline_latency_ratio_vs_teacher_b1']:.2f} and "
+            f"{result['pipeline_latency_ratio_vs_teacher_b32']:.2f} |") in text
+    assert f"| <= 0.01 | {result['minilm_int8_spearman_drop']:+.4f} | met |" in text
+    assert f"at most {max(r['onnx_fp32_max_abs_diff'] for r in result['runs'].values()):.2e}" in text
+    assert f"{1 / ratio:.1f}x fewer bytes than the teacher's ONNX file at {100 * result['pipeline_retention']:.1f} %" \
+        in text
