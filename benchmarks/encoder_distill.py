@@ -44,6 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kdistill.tasks import load_any  # noqa: E402
+from kdistill.provenance import git_revision  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "examples" / "minilm.yaml"
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(previous_threads)
     result = {key: summary[key] for key in KEYS}
     result.update({
+        "git_revision": git_revision(),
         "command": " ".join(["python", "benchmarks/encoder_distill.py"]
                             + (argv if argv is not None else sys.argv[1:])),
         "quick": args.quick,

@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kdistill.config import TrainConfig  # noqa: E402
+from kdistill.provenance import git_revision  # noqa: E402
 from kdistill.tasks import get_task, load_any  # noqa: E402
 
 TASK = get_task("causal_lm")  # kdistill.tasks.causal_lm: run (the job), table (the summary table)
@@ -198,6 +199,7 @@ def main(argv=None) -> int:
     summary.pop("student_path", None)
     summary.update({
         "mode": "quick" if args.quick else "full",
+        "git_revision": git_revision(),
         "command": " ".join(shlex.quote(a) for a in
                             ["OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", ""), "python",
                              "benchmarks/llm_distill.py", *(argv if argv is not None else sys.argv[1:])]),

@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kdistill.losses.lm import DEFAULT_CHUNK_SIZE, token_kd_loss  # noqa: E402
+from kdistill.provenance import git_revision  # noqa: E402
 from tests.test_llm_token_loss import token_kd_loss_reference  # noqa: E402  (the naive reference lives in tests)
 
 HIDDEN = 576
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = (256, 1024) if args.quick else (1024, 4096)
     repeats = args.repeats or (1 if args.quick else 5)
     result: dict = {
+        "git_revision": git_revision(),
         "command": " ".join(["python", os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
         "hidden": HIDDEN,
         "vocab": VOCAB,

@@ -25,6 +25,7 @@ from kdistill.config import TrainConfig, parse_config
 from kdistill.data import mnist1d
 from kdistill.demo import DEMO_CONFIG
 from kdistill.distiller import Distiller, Term
+from kdistill.provenance import git_revision
 from kdistill.engine import Engine, StepSampler, lr_lambda
 from kdistill.models import build_model
 from kdistill.seeding import seeded_build
@@ -117,6 +118,7 @@ def main(argv=None) -> int:
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "torch": torch.__version__,
         "command": "python " + " ".join(sys.argv),
+        "git_revision": git_revision(),
     }
     print(f"{'variant':<14}{'ms/step (median)':>18}")
     print(f"{'hand-written':<14}{h * 1000:>18.3f}")

@@ -32,6 +32,10 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kdistill.provenance import git_revision  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("teacher", "baseline", "student")
 WEIGHTS = tuple(f"{s}.safetensors" for s in STAGES)
@@ -177,6 +181,7 @@ def main() -> None:
         student_ok = rows[2]["identical"] and rows[2]["uninterrupted_sha256"] != "missing"
         print(f"\nstudent.safetensors byte-identical after {sum(k['killed'] for k in kills)} SIGKILLs: {student_ok}")
         result = {
+            "git_revision": git_revision(),
             "command": "OMP_NUM_THREADS=1 python benchmarks/resume_check.py" +
                        (f" --json {args.json}" if args.json else "") + f" --seed {args.seed}",
             "config": cfg,

@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kdistill.config import TrainConfig  # noqa: E402
 from kdistill.data import ArrayDataset, fashion_mnist  # noqa: E402
 from kdistill.distiller import Distiller, LiveTeacher, Term  # noqa: E402
+from kdistill.provenance import git_revision  # noqa: E402
 from kdistill.engine import Engine  # noqa: E402
 from kdistill.models import build_model  # noqa: E402
 from kdistill.seeding import seeded_build  # noqa: E402
@@ -227,6 +228,7 @@ def main() -> None:
 
     base_us = scale[0]["us_per_sample"]
     result = {
+        "git_revision": git_revision(),
         "command": "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "?") + " python " + " ".join(sys.argv),
         "job": {"data": "fashion_mnist", "train_samples": len(x), "teacher": TEACHER, "student": STUDENT,
                 "batch_size": BATCH, "objective": f"{1 - ALPHA:.1f} CE + {ALPHA} T^2 KL, T={TEMP}",

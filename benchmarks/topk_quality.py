@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kdistill.config import TrainConfig  # noqa: E402
 from kdistill.data import ArrayDataset  # noqa: E402
 from kdistill.data.text import lm_blocks, split_by_article, wiki_articles  # noqa: E402
+from kdistill.provenance import git_revision  # noqa: E402
 from kdistill.distiller import Distiller, LiveTeacher, Term  # noqa: E402
 from kdistill.engine import Engine  # noqa: E402
 from kdistill.engine.checkpoint import load_weights, save_weights  # noqa: E402
@@ -172,6 +173,7 @@ def main() -> None:
                    "accuracy_diff_points": 100 * (results[f"student-{v}"]["accuracy"] - dense["accuracy"])}
                for v in caches if v != "dense"}
     out = {
+        "git_revision": git_revision(),
         "command": "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "?") + " python " + " ".join(sys.argv),
         "setting": {"data": "gensim test Wikipedia, UTF-8 bytes (V=256), 10% of articles held out",
                     "block": BLOCK, "train_blocks": len(train_ds), "heldout_blocks": len(held_ds),
