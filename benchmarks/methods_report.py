@@ -1,0 +1,114 @@
+"""The tables of docs/methods.md, written from the methods benchmark's JSON files (`benchmarks/methods.py`), so
+the page quotes exactly what a run measured; `tests/test_results_docs.py` checks the page against them.
+
+    python benchmarks/methods_report.py benchmarks/results/methods_fashion_mnist.json \
+        benchmarks/results/methods_fashion_mnist_fewlabels.json      # prints the markdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+
+# orderings reported by the papers (CIFAR-100 tables of Tian et al. 2020, Zhao et al. 2022, Huang et al. 2022):
+# (better, worse, where it was reported)
+ORDERINGS = [
+    ("KD", "scratch", "Hinton et al. 2015; every table of the later papers"),
+    ("DKD", "KD", "Zhao et al. 2022 (CIFAR-100, ImageNet)"),
+    ("DIST", "KD", "Huang et al. 2022 (CIFAR-100, ImageNet)"),
+    ("CRD", "KD", "Tian et al. 2020 (CIFAR-100, 13 teacher-student pairs)"),
+    ("KD+CRD", "CRD", "Tian et al. 2020 (CRD+KD above CRD on most pairs)"),
+    ("FitNet", "scratch", "Tian et al. 2020 table 1 (most pairs)"),
+    ("AT", "scratch", "Tian et al. 2020 table 1 (most pairs)"),
+    ("SP", "scratch", "Tian et al. 2020 table 1 (most pairs)"),
+    ("RKD", "scratch", "Tian et al. 2020 table 1 (most pairs)"),
+    ("PKT", "scratch", "Tian et al. 2020 table 1 (most pairs)"),
+    ("CC", "scratch", "Tian et al. 2020 table 1 (most pairs)"),
+]
+
+
+def t_interval(values: list[float]) -> list[float]:
+    """95 % t-interval of the mean (the same rule as `benchmarks/methods.py`'s `interval`)."""
+    from scipy import stats
+
+    if len(values) < 2:
+        return [math.nan, math.nan]
+    mean, sem = statistics.mean(values), statistics.stdev(values) / math.sqrt(len(values))
+    half = float(stats.t.ppf(0.975, len(values) - 1)) * sem
+    return [mean - half, mean + half]
+
+
+def verdict(ci: list[float]) -> str:
+    """'yes' when the 95 % interval of a paired difference is above 0, 'no' when below, else 'not resolved'."""
+    if any(math.isnan(v) for v in ci):
+        return "not resolved"
+    return "yes" if ci[0] > 0 else "no" if ci[1] < 0 else "not resolved"
+
+
+def row_of(result: dict, method: str) -> dict:
+    return next(r for r in result["rows"] if r["method"] == method)
+
+
+def paired(result: dict, a: str, b: str) -> tuple[float, list[float]]:
+    """Mean and 95 % interval, in points, of row a minus row b over the seeds (same seed = same init and order)."""
+    diffs = [100 * (x - y) for x, y in zip(row_of(result, a)["top1_seeds"], row_of(result, b)["top1_seeds"])]
+    return statistics.mean(diffs), t_interval(diffs)
+
+
+def methods_table(result: dict) -> str:
+    lines = ["| method | test top-1 % (mean ± std) | 95 % interval | held-out top-1 % | vs KD, points (paired, "
+             "95 % interval) | beats KD? | ms / step |",
+             "|---|---|---|---|---|---|---|",
+             f"| teacher {result['teacher']['model']} {'/'.join(map(str, result['teacher']['kwargs']['channels']))} "
+             f"| {100 * result['teacher_top1']:.2f} | | | | | |"]
+    for row in result["rows"]:
+        ci = f"[{100 * row['ci95'][0]:.2f}, {100 * row['ci95'][1]:.2f}]"
+        if row["method"] == "KD":
+            vs, beats = "–", "–"
+        else:
+            mean, vci = paired(result, row["method"], "KD")
+            vs, beats = f"{mean:+.2f} [{vci[0]:+.2f}, {vci[1]:+.2f}]", verdict(vci)
+        lines.append(f"| {row['method']} | {100 * row['top1_mean']:.2f} ± {100 * row['top1_std']:.2f} | {ci} | "
+                     f"{100 * row['heldout_top1_mean']:.2f} | {vs} | {beats} | {row['ms_per_step']:.1f} |")
+    return "\n".join(lines)
+
+
+def convergence_sentence(result: dict) -> str:
+    c = result["convergence"]
+    return (f"scratch held-out top-1 {100 * c['heldout_top1']:.2f} % at {c['steps']} steps, "
+            f"{100 * c['double_heldout_top1']:.2f} % at {c['double_steps']} ({c['gain_points']:+.2f} points): "
+            f"{'converged' if c['converged'] else 'not converged'} by the rule")
+
+
+def orderings_table(results: dict[str, dict]) -> str:
+    """One row per ordering from the literature, one column per table: the paired difference and whether its
+    95 % interval reproduces the ordering."""
+    names = list(results)
+    lines = ["| ordering | reported by | " + " | ".join(f"{n}: difference, points [95 % interval]" for n in names)
+             + " |", "|---|---|" + "---|" * len(names)]
+    for better, worse, source in ORDERINGS:
+        cells = []
+        for result in results.values():
+            mean, ci = paired(result, better, worse)
+            word = {"yes": "reproduced", "no": "reversed", "not resolved": "not resolved"}[verdict(ci)]
+            cells.append(f"{mean:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}] {word}")
+        lines.append(f"| {better} > {worse} | {source} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("full", type=Path)
+    parser.add_argument("few", type=Path)
+    args = parser.parse_args()
+    full, few = (json.loads(p.read_text()) for p in (args.full, args.few))
+    for name, result in (("full labels", full), ("few labels", few)):
+        print(f"## {name}\n\n{convergence_sentence(result)}\n\n{methods_table(result)}\n")
+    print(orderings_table({"full labels": full, "few labels": few}))
+
+
+if __name__ == "__main__":
+    main()
