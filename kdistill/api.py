@@ -27,6 +27,7 @@ from kdistill.config import parse_config
 from kdistill.data import ArrayDataset, DataBundle, check_labels
 from kdistill.data.arrays import as_inputs, as_labels
 from kdistill.errors import ConfigError, DataError
+from kdistill.evaluate.predictions import PREDICTIONS_FILE
 from kdistill.progress import run_plan
 from kdistill.report import summary_table
 from kdistill.schemes.common import SchemeJob, teacher_train_config, train_ce
@@ -187,7 +188,7 @@ def distill(teacher: nn.Module, student: nn.Module, train, *, test=None, transfe
                             eval_fn=job.accuracy_eval(cfg.train), **job.stage_options)
         trained = job.distill("student", copy.deepcopy(student), trained_teacher, bundle.distill_set(),
                               seed=seed + 3, eval_fn=job.accuracy_eval(cfg.train))
-    summary = summarize(trained_teacher, trained, base, job)
+    summary = summarize(trained_teacher, trained, base, job, predictions=folder.file(PREDICTIONS_FILE))
     folder.write_summary(summary)
     return DistillResult(trained, trained_teacher, base, summary, summary_table(summary), folder.path)
 

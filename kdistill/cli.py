@@ -1,4 +1,5 @@
-"""Command line: `kdistill demo | run | eval`. Parses, calls the API, maps every KDError to one line + exit 2."""
+"""Command line: `kdistill demo | run | eval | export | report | cache`. Parses, calls the API, maps every
+KDError to one line + exit 2."""
 
 from __future__ import annotations
 
@@ -175,6 +176,20 @@ def export_cmd(run_dir: Path = typer.Argument(..., help="a finished run director
     from kdistill.report import with_deployed
 
     print(with_deployed(summary).strip())
+
+
+@app.command("report")
+def report_cmd(run_dir: Path = typer.Argument(..., help="a finished run directory"),
+               out: Optional[Path] = typer.Option(None, "--out", help="the HTML file (default: RUN_DIR/report.html)")
+               ) -> None:
+    """Write the run's self-contained HTML report (comparison, training curves, quality against cost, calibration,
+    per-class accuracy, disagreements): one file, no external requests, readable offline on any screen."""
+    from kdistill.report.html import write_report
+
+    path, notes = write_report(run_dir, out)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"report: {path}")
 
 
 cache_app = typer.Typer(no_args_is_help=True, help="Teacher-output cache: build it once, train from it.")

@@ -85,6 +85,9 @@ def test_causal_lm_task_writes_the_run_directory_and_skips_finished_stages(tmp_p
     assert set(saved["train_terms"]["student"]) == {"kd", "ce"} and set(saved["train_terms"]["baseline"]) == {"ce"}
     assert first["student_kd_ppl"] != first["student_init_ppl"]
     metrics = (run_dir / "metrics.jsonl").read_text()
+    report = (run_dir / "report.html").read_text()  # written after the summary, from it
+    assert '<section id="language-model" data-has-data="true">' in report
+    assert f'data-src="student_kd_ppl" data-value="{saved["student_kd_ppl"]}"' in report
 
     # the same command again: both stages are loaded, not retrained; the summary is rewritten with the same numbers
     logs.clear()

@@ -111,6 +111,9 @@ def test_a_tiny_run_writes_its_folder_skips_finished_stages_and_refuses_another_
     assert (run_dir / "teacher-cache" / "train" / "complete.json").is_file()
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]  # no temp files left behind
     assert "student (distilled)" in task.table(first)
+    # the report's scatter: the held-out pairs' similarities, saved at evaluation
+    assert (run_dir / "similarities.safetensors").is_file()
+    assert '<section id="similarities" data-has-data="true">' in (run_dir / "report.html").read_text()
 
     # the same config again: teacher embeddings read back, the finished student loaded, not retrained
     second = task.run(cfg, run_dir, log=lambda *_: None)

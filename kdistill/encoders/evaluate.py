@@ -24,7 +24,7 @@ from kdistill.encoders.data import tokenize
 from kdistill.encoders.features import encoder_features, trim_padding
 from kdistill.errors import DataError
 
-__all__ = ["encode", "encode_latency_ms", "linear_probe", "similarity_spearman"]
+__all__ = ["encode", "encode_latency_ms", "linear_probe", "pair_cosines", "similarity_spearman"]
 
 
 @torch.no_grad()
@@ -55,7 +55,8 @@ def encode(model: nn.Module, texts: Sequence[str], tokenizer: Any, *, max_length
     return torch.stack(out)
 
 
-def _pair_cosines(emb: torch.Tensor) -> np.ndarray:
+def pair_cosines(emb: torch.Tensor) -> np.ndarray:
+    """Cosine similarities of every pair ``i < j`` of rows of `emb` (float64, row-major pair order)."""
     e = torch.nn.functional.normalize(emb.double(), dim=1)
     sim = e @ e.T
     iu = torch.triu_indices(len(e), len(e), offset=1)
@@ -69,7 +70,7 @@ def similarity_spearman(student_embeddings: torch.Tensor, teacher_embeddings: to
     if len(student_embeddings) != len(teacher_embeddings) or len(student_embeddings) < 3:
         raise DataError("similarity_spearman needs the embeddings of the same >= 3 sentences from both models",
                         where="kdistill.encoders.similarity_spearman", fix="encode the same held-out texts")
-    rho = spearmanr(_pair_cosines(student_embeddings), _pair_cosines(teacher_embeddings)).statistic
+    rho = spearmanr(pair_cosines(student_embeddings), pair_cosines(teacher_embeddings)).statistic
     return float(rho)
 
 

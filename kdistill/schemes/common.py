@@ -110,9 +110,11 @@ def teacher_train_config(teacher_cfg, train_cfg: TrainConfig) -> TrainConfig:
 
 # -- evaluation ----------------------------------------------------------------------------------------------------
 def evaluate(model: nn.Module, test: ArrayDataset, eval_cfg, *, reference_logits: Optional[torch.Tensor] = None,
-             cost: bool = True) -> dict:
-    """Accuracy, ECE (and agreement with a reference model), plus cost (params, bytes, FLOPs, latency)."""
-    logits = predict_logits(model, test)
+             cost: bool = True, logits: Optional[torch.Tensor] = None) -> dict:
+    """Accuracy, ECE (and agreement with a reference model), plus cost (params, bytes, FLOPs, latency).
+    `logits`: the model's test-set logits when the caller has them already (they are then kept, e.g. for the
+    report's per-example sections, and the numbers are computed from exactly those)."""
+    logits = predict_logits(model, test) if logits is None else logits
     labels = test.tensors["y"]
     report = {"accuracy": accuracy(logits, labels),
               "ece": expected_calibration_error(logits, labels, eval_cfg.ece_bins)}

@@ -22,6 +22,7 @@ from kdistill.data.augment import maybe_augment
 from kdistill.distiller import Distiller, Term, split_taps
 from kdistill.errors import ConfigError, KDError
 from kdistill.evaluate import predict_logits
+from kdistill.evaluate.predictions import PREDICTIONS_FILE
 from kdistill.models.loading import load_into, load_state_dict_file
 from kdistill.progress import run_plan
 from kdistill.schemes.common import (TEACHER_SEED, SchemeJob, config_terms, load_configured_weights, scheme_run,
@@ -102,7 +103,7 @@ def _run(job: SchemeJob) -> dict:
     from kdistill.schemes.deploy import compress_and_export
 
     artifacts = compress_and_export(job, student, student_teacher, student_data)
-    summary = summarize(teacher, student, baseline, job, artifacts)
+    summary = summarize(teacher, student, baseline, job, artifacts, predictions=job.run_dir.file(PREDICTIONS_FILE))
     job.run_dir.write_summary(summary)
     return summary
 
@@ -176,20 +177,29 @@ def _preflight(job: SchemeJob, teacher: Optional[nn.Module], terms, student_taps
 
 
 def summarize(teacher: nn.Module, student: nn.Module, baseline: Optional[nn.Module], job: SchemeJob,
-              artifacts: Optional[list] = None) -> dict:
+              artifacts: Optional[list] = None, *, predictions: Optional[Path] = None) -> dict:
     """Quality of each model, then their cost measured together (interleaved rounds at fixed thread counts), the
     ratios (``speedup``: the teacher's latency over the student's, round by round, at the primary thread count)
     and the training stages' thread counts (``train_threads``, from metrics.jsonl). With compressed or exported
-    `artifacts` (or a config asking for them) the ``deployed`` rows are added (`deployed`)."""
+    `artifacts` (or a config asking for them) the ``deployed`` rows are added (`deployed`). With `predictions`
+    (a file path) the test-set logits every quality number was computed from are saved there with the labels
+    (`kdistill.evaluate.predictions.save_predictions`: the report's per-example sections read them)."""
     from kdistill.engine.threads import stage_threads
     from kdistill.evaluate import round_ratio
 
-    teacher_logits = predict_logits(teacher, job.bundle.test)
+    test = job.bundle.test
     models = {"teacher": teacher, "student": student, **({"baseline": baseline} if baseline is not None else {})}
-    summary = {"dataset": job.bundle.name, "teacher": job.evaluate(teacher, cost=False)}
+    logits = {name: predict_logits(model, test) for name, model in models.items()}
+    teacher_logits = logits["teacher"]
+    summary = {"dataset": job.bundle.name, "teacher": job.evaluate(teacher, cost=False, logits=teacher_logits)}
     for name in ("student", "baseline"):
         if name in models:
-            summary[name] = job.evaluate(models[name], reference_logits=teacher_logits, cost=False)
+            summary[name] = job.evaluate(models[name], reference_logits=teacher_logits, cost=False,
+                                         logits=logits[name])
+    if predictions is not None:
+        from kdistill.evaluate.predictions import save_predictions
+
+        save_predictions(predictions, test.tensors["y"], logits, ece_bins=job.cfg.eval.ece_bins)
     cost = job.measure_cost(models, summary)
     t, s = summary["teacher"], summary["student"]
     summary["retention"] = s["accuracy"] / t["accuracy"] if t["accuracy"] else float("nan")

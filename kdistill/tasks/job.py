@@ -10,7 +10,9 @@ Run directory contract (every task, every scheme):
 * ``<stage>.safetensors``: the exported student of a finished stage, with its SHA-256 next to it
   (``<stage>.safetensors.sha256``, the `sha256sum` format, verified on every load); a stage whose file exists is
   done and is loaded instead of trained (`run_stage`), an interrupted one resumes from its newest good checkpoint;
-* ``summary.json``: written atomically at the end (`RunDir.write_summary`).
+* ``summary.json``: written atomically at the end (`RunDir.write_summary`), then ``report.html`` (the
+  self-contained HTML report, `kdistill.report.html`), built from the run's files: the summary, ``metrics.jsonl``
+  and the per-example outputs the task kept (``predictions.safetensors``, ``similarities.safetensors``).
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ class RunDir:
                 if isinstance(stage, str) and stage not in order:
                     order.append(stage)
         found = {p.name[:-len(".safetensors")] for p in self.path.glob("*.safetensors")}
-        found = {name[:-len(".side")] if name.endswith(".side") else name for name in found}
+        found = {name[:-len(".side")] if name.endswith(".side") else name for name in found} - REPORT_INPUTS
         if (self.path / "checkpoints").is_dir():
             found |= {p.name for p in (self.path / "checkpoints").iterdir() if p.is_dir()}
         return order + sorted(found - set(order))
@@ -110,7 +112,7 @@ class RunDir:
             return []
         stages = self.stages()
         if fresh:
-            for name in ("config.yaml", "metrics.jsonl", "checkpoints", "teacher-cache", "student"):
+            for name in ("config.yaml", "metrics.jsonl", "checkpoints", "teacher-cache", "student", "report.html"):
                 _remove(self.path / name)
             for pattern in ("*.safetensors", "*.safetensors.sha256", "summary*.json"):
                 for item in self.path.glob(pattern):
@@ -125,7 +127,8 @@ class RunDir:
             _remove(self.path / "checkpoints" / stage)
             for suffix in (".safetensors", ".safetensors.sha256", ".side.safetensors", ".side.safetensors.sha256"):
                 _remove(self.path / f"{stage}{suffix}")
-        for name in ("config.yaml", "summary.json"):
+        for name in ("config.yaml", "summary.json", "report.html", "predictions.safetensors",
+                     "similarities.safetensors"):
             _remove(self.path / name)
         kept = [s for s in stages if s not in dropped]
         log(f"note: {self.path}: restarting stage(s) {', '.join(dropped)} under the new config"
@@ -133,9 +136,29 @@ class RunDir:
         return dropped
 
     def write_summary(self, summary: dict, name: str = "summary.json") -> None:
+        """Write `summary` atomically; the run's ``summary.json`` is followed by its ``report.html``."""
         if self.path is not None:
             atomic_write_bytes(self.path / name, json.dumps(summary, indent=2).encode())
+            if name == "summary.json":
+                self.write_report()
 
+    def write_report(self) -> None:
+        """``report.html`` of the finished run (`kdistill.report.html.write_report`). A report that cannot be
+        written leaves the run's results as they are: one warning line says why and how to retry."""
+        from kdistill.report.html import write_report
+
+        try:
+            out, notes = write_report(self.path)
+        except Exception as err:  # the run's results are written: a report fault must not lose them
+            self.log(f"warning: {self.path / 'report.html'} not written ({type(err).__name__}: {err}); "
+                     f"retry with: kdistill report {self.path}")
+            return
+        for note in notes:
+            self.log(f"note: {note}")
+
+
+# per-example outputs kept for the report (`kdistill.evaluate.predictions`): files of the run, not stages
+REPORT_INPUTS = {"predictions", "similarities"}
 
 RESTART_FIX = ("run again with --restart-stage STAGE to retrain STAGE and the stages after it under the new config, "
                "or --fresh to start this run over (Python: fresh=True), or use another --out directory")

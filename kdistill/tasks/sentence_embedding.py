@@ -96,8 +96,11 @@ def _corpus_and_texts(cfg: EncoderRunConfig, tokenizer, teacher, seconds: dict, 
     return corpus, train_texts
 
 
-def _evaluate(cfg: EncoderRunConfig, corpus, models: dict, teacher_heldout, teacher_probe, embed) -> dict:
-    """Per model: parameters, linear-probe accuracy, and (not the teacher) the similarity Spearman."""
+def _evaluate(cfg: EncoderRunConfig, corpus, models: dict, teacher_heldout, teacher_probe, embed,
+              similarities: Optional[Path] = None) -> dict:
+    """Per model: parameters, linear-probe accuracy, and (not the teacher) the similarity Spearman. With
+    `similarities` (a file path) the teacher's and the student's cosine similarities of the held-out pairs the
+    student's Spearman was computed over are saved there (the report's scatter)."""
     from kdistill.encoders.evaluate import linear_probe, similarity_spearman
     from kdistill.evaluate.cost import param_count
 
@@ -111,6 +114,14 @@ def _evaluate(cfg: EncoderRunConfig, corpus, models: dict, teacher_heldout, teac
                  "probe": linear_probe(probe[:n_fit], labels[:n_fit], probe[n_fit:], labels[n_fit:], seed=cfg.seed)}
         if name != "teacher":
             entry["spearman"] = similarity_spearman(heldout, teacher_heldout)
+        if name == "student" and similarities is not None:
+            import torch
+
+            from kdistill.encoders.evaluate import pair_cosines
+            from kdistill.evaluate.predictions import save_similarities
+
+            save_similarities(similarities, torch.from_numpy(pair_cosines(teacher_heldout)),
+                              torch.from_numpy(pair_cosines(heldout)), seed=cfg.seed)
         report[name] = entry
     return report
 
@@ -195,7 +206,9 @@ def run(cfg: EncoderRunConfig, run_dir=None, *, progress: bool = False, log: Cal
             data, train_texts, corpus.heldout, tokenizer, progress=progress, log=log)
 
     with _timed(seconds, "evaluation", log, "evaluation"):
-        report = _evaluate(cfg, corpus, models, teacher_heldout, teacher_probe, embed)
+        from kdistill.evaluate.predictions import SIMILARITIES_FILE
+
+        report = _evaluate(cfg, corpus, models, teacher_heldout, teacher_probe, embed, run.file(SIMILARITIES_FILE))
     with _timed(seconds, "latency", log, "latency"):
         latency = _latency(cfg, corpus, {"teacher": teacher, "student": student}, tokenizer)
 

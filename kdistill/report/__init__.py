@@ -1,4 +1,6 @@
-"""The table printed after a classification run (plain text, fits an 100-column terminal).
+"""Reports of a run: the table printed after a classification run (plain text, fits an 100-column terminal)
+here, and the self-contained HTML report of any run directory in `kdistill.report.html` (``report.html``,
+`kdistill report RUN_DIR`).
 
 `summary_table(summary)` picks the form: the offline comparison (teacher, baseline, KD student with cost
 columns) or, for every other scheme, one row per model the scheme evaluated. Both are drawn by `text_table`.

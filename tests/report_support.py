@@ -1,0 +1,26 @@
+"""A tiny finished classification run for the report tests (seconds on one thread): mnist1d, a 1-D CNN teacher,
+an MLP student and a baseline, a few steps each, evaluation during training, cost measured at one thread."""
+
+from pathlib import Path
+
+import yaml
+
+from kdistill.cli import main
+from tests.conftest import tiny_config
+
+SECTIONS = ("comparison", "curves", "pareto", "calibration", "per-class", "disagreements")
+
+
+def tiny_report_run(folder: Path) -> Path:
+    """Run the tiny config into `folder`/run through the CLI; returns the run directory (it holds report.html)."""
+    cfg = tiny_config(baseline=True,
+                      teacher={"name": "cnn1d", "kwargs": {"channels": 8, "depth": 3},
+                               "train": {"steps": 12, "batch_size": 64, "log_every": 3}},
+                      train={"steps": 12, "batch_size": 64, "log_every": 3, "checkpoint_every": 0, "eval_every": 6},
+                      eval={"latency_repeats": 2, "throughput_batch": 8, "threads": 1})
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run_dir = folder / "run"
+    code = main(["run", str(path), "--out", str(run_dir), "--no-progress"])
+    assert code == 0
+    return run_dir
