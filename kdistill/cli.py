@@ -1,4 +1,4 @@
-"""Command line: `kdistill demo | run | eval | export | report | cache`. Parses, calls the API, maps every
+"""Command line: `kdistill demo | run | eval | export | report | audit | cache`. Parses, calls the API, maps every
 KDError to one line + exit 2."""
 
 from __future__ import annotations
@@ -190,6 +190,41 @@ def report_cmd(run_dir: Path = typer.Argument(..., help="a finished run director
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"report: {path}")
+
+
+AUDIT_OUT_HELP = ("run directory (default: runs/<config name>): a finished teacher stage there is audited, otherwise "
+                  "the teacher is loaded from teacher.weights or trained there as the run's teacher stage; "
+                  "audit.json is written there")
+
+
+@app.command("audit")
+def audit_cmd(config: Path = typer.Argument(..., help="a YAML config (task classification), or a run directory"),
+              out: Optional[Path] = typer.Option(None, "--out", help=AUDIT_OUT_HELP),
+              overrides: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+              progress: bool = typer.Option(True, "--progress/--no-progress"),
+              trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP)) -> None:
+    """Audit a config's teacher before distilling from it: held-out and per-class accuracy, calibration,
+    label-noise suspects, STRIP and a Neural-Cleanse-style trigger reconstruction (docs/audit.md). Writes
+    audit.json; exit 2 when a threshold of the config's audit: section is violated."""
+    from kdistill.tasks import load_any
+
+    path, run_dir = _config_path(config, out)
+    task, cfg = load_any(path, overrides or [])
+    if task.name != "classification":
+        raise KDError(f"{path} is a '{task.name}' config; 'kdistill audit' audits classification teachers "
+                      "(labels are needed for accuracy, calibration and label noise)", where="task",
+                      fix="give a config of task classification")
+    from kdistill.audit.stage import AUDIT_FILE, audit_command, refusal
+    from kdistill.audit.teacher import audit_table
+
+    record = audit_command(cfg, run_dir, progress=progress, trust_checkpoint=trust_checkpoint)
+    print(audit_table(record))
+    print(f"audit: {run_dir / AUDIT_FILE}")
+    if not record["passed"]:
+        from kdistill.schemes.offline import teacher_path
+
+        weights = str(teacher_path(cfg, run_dir)) if cfg.scheme.name == "offline" else None
+        raise refusal(record, run_dir, weights)
 
 
 cache_app = typer.Typer(no_args_is_help=True, help="Teacher-output cache: build it once, train from it.")

@@ -14,6 +14,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from kdistill.audit.config import AuditConfig
 from kdistill.compress.config import CompressStep, ExportConfig, check_steps
 from kdistill.configbase import Strict, read_yaml
 from kdistill.schemes.assistant import AssistantScheme
@@ -154,6 +155,8 @@ class RunConfig(Strict):
     compress: list[CompressStep] = Field(default_factory=list, description="prune / low_rank / quantize stages "
                                          "after distillation, each with KD recovery (scheme offline)")
     export: Optional[ExportConfig] = Field(None, description="ONNX export (fp32, int8) of the final model")
+    audit: Optional[AuditConfig] = Field(None, description="audit the teacher before distillation (scheme offline, "
+                                         "multi_teacher; docs/audit.md); a violated threshold stops the run")
 
     @field_validator("compress")
     @classmethod
@@ -199,6 +202,13 @@ class RunConfig(Strict):
         if (self.compress or self.export is not None) and self.scheme.name != "offline":
             raise ValueError(f"compress / export run after scheme 'offline' only, not '{self.scheme.name}': "
                              "remove compress / export, or distil with scheme 'offline'")
+        return self
+
+    @model_validator(mode="after")
+    def _audit_needs_a_teacher(self) -> "RunConfig":
+        if self.audit is not None and self.scheme.name not in ("offline", "multi_teacher"):
+            raise ValueError(f"audit: the teacher audit runs with scheme 'offline' or 'multi_teacher', not "
+                             f"'{self.scheme.name}' (it trains its teachers during the run); remove audit")
         return self
 
     @model_validator(mode="after")

@@ -47,5 +47,22 @@ def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins:
     return float(ece)
 
 
+def calibration_bins(logits: torch.Tensor, labels: torch.Tensor, bins: int) -> dict:
+    """Per equal-width confidence bin (the bins of `expected_calibration_error`): count, mean confidence,
+    accuracy."""
+    probs = logits.float().softmax(-1)
+    conf, pred = probs.max(-1)
+    correct = (pred == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    out = {"count": [], "confidence": [], "accuracy": []}
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        in_bin = (conf > lo) & (conf <= hi) if lo > 0 else (conf >= lo) & (conf <= hi)
+        n = int(in_bin.sum())
+        out["count"].append(n)
+        out["confidence"].append(float(conf[in_bin].mean()) if n else float("nan"))
+        out["accuracy"].append(float(correct[in_bin].mean()) if n else float("nan"))
+    return out
+
+
 def retention(student_accuracy: float, teacher_accuracy: float) -> float:
     return student_accuracy / teacher_accuracy if teacher_accuracy else float("nan")

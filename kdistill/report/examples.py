@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kdistill.evaluate.quality import accuracy, agreement, expected_calibration_error
+from kdistill.evaluate.quality import accuracy, agreement, calibration_bins, expected_calibration_error
 from kdistill.report import plots
 from kdistill.report.markup import Cell, Section, nodata, num, table
 from kdistill.report.runfiles import RunFiles
@@ -25,23 +25,6 @@ EXAMPLE_ROWS = 10
 NO_PREDICTIONS = ("this run kept no per-example predictions (predictions.safetensors is written by the offline "
                   "scheme of task classification at the end of its evaluation; re-run an older run with "
                   "'kdistill run RUN_DIR' to write it: finished stages are loaded, not retrained).")
-
-
-def calibration_bins(logits: torch.Tensor, labels: torch.Tensor, bins: int) -> dict:
-    """Per equal-width confidence bin (the bins of `expected_calibration_error`): count, mean confidence,
-    accuracy."""
-    probs = logits.float().softmax(-1)
-    conf, pred = probs.max(-1)
-    correct = (pred == labels).float()
-    edges = torch.linspace(0, 1, bins + 1)
-    out = {"count": [], "confidence": [], "accuracy": []}
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        in_bin = (conf > lo) & (conf <= hi) if lo > 0 else (conf >= lo) & (conf <= hi)
-        n = int(in_bin.sum())
-        out["count"].append(n)
-        out["confidence"].append(float(conf[in_bin].mean()) if n else float("nan"))
-        out["accuracy"].append(float(correct[in_bin].mean()) if n else float("nan"))
-    return out
 
 
 def _models(run: RunFiles) -> list[str]:

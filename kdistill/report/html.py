@@ -5,7 +5,7 @@ The page works offline: no script, no stylesheet, font or image from anywhere; p
 `kdistill.report.plots`); a Content-Security-Policy forbids every external load. The CSS keeps it readable from
 phone to laptop width (tables scroll horizontally, plots scale to the column). Sections (`sections`,
 `examples`): the comparison table, training curves, quality against bytes and latency, and per task the
-calibration / per-class / disagreement sections (classification), perplexity and token agreement (causal LM),
+calibration / per-class / disagreement / audit sections (classification), perplexity and token agreement (causal LM),
 the similarity scatter (sentence embeddings); a section without data for the run says so.
 """
 
@@ -16,6 +16,7 @@ from typing import Optional, Union
 
 from kdistill.files import atomic_write_bytes
 from kdistill.report import examples, plots, sections
+from kdistill.report.audit import audit
 from kdistill.report.markup import Section, esc
 from kdistill.report.runfiles import RunFiles, read_run
 
@@ -52,7 +53,7 @@ def run_sections(run: RunFiles) -> list[Section]:
     """The sections of this run's task, in page order."""
     found = [sections.comparison(run), sections.curves(run), sections.pareto(run)]
     if run.task == "classification":
-        found += [examples.calibration(run), examples.per_class(run), examples.disagreements(run)]
+        found += [examples.calibration(run), examples.per_class(run), examples.disagreements(run), audit(run)]
     elif run.task == "causal_lm":
         found.append(examples.language_model(run))
     elif run.task == "sentence_embedding":

@@ -162,8 +162,11 @@ def run(job: SchemeJob) -> dict:
     if any(t.teacher != LOGITS for t in terms if get_loss(t.loss).needs_teacher):
         raise WiringError("multi-teacher terms can read only the combined 'logits' of the teachers",
                           where="distill.terms", fix="drop teacher taps from the terms")
-    teachers = [job.teacher(tc, seed=cfg.seed + 1000 * (k + 1), stage=f"teacher{k}", where=f"scheme.teachers[{k}]")
-                for k, tc in enumerate(scheme.teachers)]
+    teachers = ready_teachers(job)
+    from kdistill.audit.stage import audit_record_for_summary, audit_stage
+
+    audit = audit_stage(job, audit_model(job, teachers), {f"teacher{k}": t for k, t in enumerate(teachers)},
+                        name=f"teachers combined ({scheme.combine})")
     teacher = MultiTeacher(teachers, scheme.combine, scheme.weights, kd_temperature(terms),
                            scheme.agreement_temperature)
     student = job.distill("student", job.student(), teacher, seed=cfg.seed + 3)
@@ -177,8 +180,27 @@ def run(job: SchemeJob) -> dict:
     models["student"] = job.evaluate(student, reference_logits=combined_logits)
     test_batch = {"x": job.bundle.test.tensors["x"]}
     mean_weights = teacher(test_batch)["teacher_weights"].reshape(-1, len(teachers)).mean(0)
+    inherited = {"teachers combined": audit_model(job, teachers), "student": student}
     return job.finish(models, combine=scheme.combine,
-                      mean_teacher_weights_test=[float(w) for w in mean_weights])
+                      mean_teacher_weights_test=[float(w) for w in mean_weights],
+                      audit=audit_record_for_summary(audit, job, inherited))
 
 
-__all__ = ["MultiTeacher", "MultiTeacherScheme", "agreement_weights", "combine_teachers", "kd_temperature", "run"]
+def ready_teachers(job: SchemeJob) -> list[nn.Module]:
+    """The configured teachers, frozen, each loaded or trained as its stage ``teacher<k>`` (as `run` does)."""
+    cfg = job.cfg
+    return [job.teacher(tc, seed=cfg.seed + 1000 * (k + 1), stage=f"teacher{k}", where=f"scheme.teachers[{k}]")
+            for k, tc in enumerate(cfg.scheme.teachers)]
+
+
+def audit_model(job: SchemeJob, teachers: Sequence[nn.Module]) -> nn.Module:
+    """The teachers as one differentiable classifier for the audit: the (weighted) mean of their probabilities
+    at temperature 1 (combine 'agreement' is audited as the plain mean)."""
+    from kdistill.schemes.common import ProbabilityEnsemble
+
+    scheme = job.cfg.scheme
+    return ProbabilityEnsemble(teachers, scheme.weights if scheme.combine == "weights" else None)
+
+
+__all__ = ["MultiTeacher", "MultiTeacherScheme", "agreement_weights", "audit_model", "combine_teachers",
+           "kd_temperature", "ready_teachers", "run"]

@@ -87,6 +87,9 @@ def _run(job: SchemeJob) -> dict:
     _preflight(job, teacher if cfg.teacher.weights else None, terms, student_taps, teacher_taps)
     teacher = _teacher(job, teacher)
     job.check_teacher(teacher)
+    from kdistill.audit.stage import audit_record_for_summary, audit_stage
+
+    audit = audit_stage(job, teacher, weights=str(teacher_path(cfg, job.run_dir.path)) if job.run_dir else None)
 
     baseline = None
     if cfg.baseline:
@@ -104,6 +107,8 @@ def _run(job: SchemeJob) -> dict:
 
     artifacts = compress_and_export(job, student, student_teacher, student_data)
     summary = summarize(teacher, student, baseline, job, artifacts, predictions=job.run_dir.file(PREDICTIONS_FILE))
+    summary["audit"] = audit_record_for_summary(audit, job, {"teacher": teacher, "student": student,
+                                                             "baseline": baseline})
     job.run_dir.write_summary(summary)
     return summary
 
@@ -120,6 +125,12 @@ def _teacher(job: SchemeJob, model: Optional[nn.Module] = None) -> nn.Module:
         return freeze(model)
     return job.teacher(model=model, data=maybe_augment(job.bundle.train, cfg.data.augment, cfg.seed),
                        eval_fn=job.accuracy_eval(cfg.teacher.train or cfg.train))
+
+
+def ready_teacher(job: SchemeJob) -> nn.Module:
+    """The run's frozen teacher exactly as `run` obtains it: ``teacher.weights``, the run directory's finished
+    ``teacher`` stage, or that stage trained now (`kdistill audit`)."""
+    return _teacher(job)
 
 
 def teacher_cache(cfg: "RunConfig", run_dir: Optional[Path], teacher: nn.Module, teacher_taps: dict, terms, data, *,
@@ -263,5 +274,5 @@ def _trained_student(job: SchemeJob, stage: str) -> nn.Module:
     return model
 
 
-__all__ = ["OfflineScheme", "build_teacher_cache", "evaluate_run_dir", "run", "summarize", "teacher_cache",
-           "teacher_path"]
+__all__ = ["OfflineScheme", "build_teacher_cache", "evaluate_run_dir", "ready_teacher", "run", "summarize",
+           "teacher_cache", "teacher_path"]

@@ -10,6 +10,8 @@ Run directory contract (every task, every scheme):
 * ``<stage>.safetensors``: the exported student of a finished stage, with its SHA-256 next to it
   (``<stage>.safetensors.sha256``, the `sha256sum` format, verified on every load); a stage whose file exists is
   done and is loaded instead of trained (`run_stage`), an interrupted one resumes from its newest good checkpoint;
+* ``audit.json`` (classification with an ``audit:`` section, or ``kdistill audit``): the teacher audit
+  (`kdistill.audit`); changes to the ``audit:`` section alone never count as another run's config (`FREE_SECTIONS`);
 * ``summary.json``: written atomically at the end (`RunDir.write_summary`), then ``report.html`` (the
   self-contained HTML report, `kdistill.report.html`), built from the run's files: the summary, ``metrics.jsonl``
   and the per-example outputs the task kept (``predictions.safetensors``, ``similarities.safetensors``).
@@ -68,11 +70,15 @@ class RunDir:
                 old = None
             if old == resolved:
                 return
-            if self.started():
+            if self.started() and not _only_free_changes(old, resolved):
                 changes = config_changes(old, resolved)
                 raise ConfigError(f"{self.path} holds a run with a different config.yaml whose training has started "
                                   f"({changes}); resuming it would mix two configs", fix=RESTART_FIX)
-            self.log(f"note: {self.path} held a run that never started training: reusing it with this config")
+            if self.started():
+                self.log(f"note: {self.path}: only settings that change no trained weights differ "
+                         f"({config_changes(old, resolved)}): continuing the run with them")
+            else:
+                self.log(f"note: {self.path} held a run that never started training: reusing it with this config")
         atomic_write_bytes(existing, resolved.encode())
 
     def started(self) -> bool:
@@ -112,7 +118,8 @@ class RunDir:
             return []
         stages = self.stages()
         if fresh:
-            for name in ("config.yaml", "metrics.jsonl", "checkpoints", "teacher-cache", "student", "report.html"):
+            for name in ("config.yaml", "metrics.jsonl", "checkpoints", "teacher-cache", "student", "report.html",
+                         "audit.json"):
                 _remove(self.path / name)
             for pattern in ("*.safetensors", "*.safetensors.sha256", "summary*.json"):
                 for item in self.path.glob(pattern):
@@ -128,7 +135,7 @@ class RunDir:
             for suffix in (".safetensors", ".safetensors.sha256", ".side.safetensors", ".side.safetensors.sha256"):
                 _remove(self.path / f"{stage}{suffix}")
         for name in ("config.yaml", "summary.json", "report.html", "predictions.safetensors",
-                     "similarities.safetensors"):
+                     "similarities.safetensors", "audit.json"):
             _remove(self.path / name)
         kept = [s for s in stages if s not in dropped]
         log(f"note: {self.path}: restarting stage(s) {', '.join(dropped)} under the new config"
@@ -173,6 +180,19 @@ def config_changes(old: Optional[str], new: str, limit: int = 4) -> str:
                for k in sorted(set(flat_old) | set(flat_new)) if flat_old.get(k, "(unset)") != flat_new.get(k, "(unset)")]
     more = f"; +{len(changed) - limit} more" if len(changed) > limit else ""
     return "; ".join(changed[:limit]) + more
+
+
+# top-level config sections whose changes alter no trained weights: a started run continues under them
+FREE_SECTIONS = ("audit",)
+
+
+def _only_free_changes(old: Optional[str], new: str) -> bool:
+    """Whether two resolved configs (YAML texts) differ only inside `FREE_SECTIONS`."""
+    if old is None:
+        return False
+    flat_old, flat_new = _flatten(yaml.safe_load(old)), _flatten(yaml.safe_load(new))
+    changed = {k for k in set(flat_old) | set(flat_new) if flat_old.get(k, "(unset)") != flat_new.get(k, "(unset)")}
+    return bool(changed) and all(k.split(".")[0] in FREE_SECTIONS for k in changed)
 
 
 def _flatten(value: Any, prefix: str = "") -> dict:

@@ -1,0 +1,60 @@
+"""The report's "Audit" section (classification): the teacher audit's numbers and what the student inherited,
+from the summary's ``audit`` entry (`kdistill.audit.stage.audit_record_for_summary`); nothing is re-measured.
+A run without an ``audit:`` section says so plainly."""
+
+from __future__ import annotations
+
+from kdistill.report.markup import Cell, Section, esc, nodata, num, table
+from kdistill.report.runfiles import RunFiles
+
+__all__ = ["audit"]
+
+NO_AUDIT = ("no teacher audit ran for this run: add an audit: section to the config (docs/audit.md) to audit the "
+            "teacher before distillation and measure what the student inherits, or run 'kdistill audit CONFIG'.")
+
+
+def audit(run: RunFiles) -> Section:
+    entry = run.summary.get("audit")
+    if not isinstance(entry, dict) or not entry.get("ran"):
+        text = NO_AUDIT
+        if (run.path / "audit.json").is_file():
+            text += (" This folder holds an audit.json written by 'kdistill audit'; the run itself measured no "
+                     "inheritance.")
+        return Section("audit", "Audit", nodata(text), False)
+    s = run.summary
+    verdict = "passed" if entry.get("passed") else "failed: " + "; ".join(entry.get("violations") or [])
+    suspected = entry.get("suspected_class")
+    rows = [["held-out top-1 %", num(s, "audit/accuracy", ".2f", scale=100)],
+            ["ECE", num(s, "audit/ece", ".4f")],
+            [f"label-noise suspects (p >= {entry.get('label_noise_threshold')}, another class)",
+             num(s, "audit/label_noise_count", count=True)],
+            ["label-noise suspect fraction %", num(s, "audit/label_noise_fraction", ".2f", scale=100)],
+            ["STRIP: training rows below the clean threshold %", num(s, "audit/strip_fraction_below", ".2f",
+                                                                    scale=100)],
+            ["STRIP: expected on clean data %", num(s, "audit/strip_expected_fraction", ".2f", scale=100)],
+            ["Neural Cleanse: smallest trigger's class", num(s, "audit/min_norm_class", count=True)],
+            ["Neural Cleanse: anomaly index of the smallest trigger", num(s, "audit/anomaly_score", ".3f")],
+            ["Neural Cleanse: suspected class (index > 2)",
+             num(s, "audit/suspected_class", count=True) if suspected is not None else Cell("none")],
+            ["reconstructed trigger: class, mask L1",
+             Cell(f"{entry.get('trigger_class')}, {entry.get('trigger_l1', float('nan')):.3f}")]]
+    body = (f"<p>Teacher audit of <b>{esc(entry.get('model', 'teacher'))}</b> before distillation: "
+            f"<b>{esc(verdict)}</b> (every number: {esc(entry.get('file', 'audit.json'))}; definitions: "
+            f"docs/audit.md).</p>")
+    body += table(["measurement", "value"], rows, caption="measured on the teacher before the student stages")
+    inherit = entry.get("inheritance") or {}
+    trig, noise = inherit.get("trigger") or {}, inherit.get("label_noise") or {}
+    models = list((trig.get("success") or {}).keys())
+    if models:
+        base = "audit/inheritance"
+        inherit_rows = [[name, num(s, f"{base}/trigger/success/{name}", ".2f", scale=100),
+                         num(s, f"{base}/trigger/clean_rate/{name}", ".2f", scale=100),
+                         num(s, f"{base}/label_noise/teacher_class/{name}", ".2f", scale=100),
+                         num(s, f"{base}/label_noise/label/{name}", ".2f", scale=100)] for name in models]
+        what = "suspected" if trig.get("suspected") else "smallest (no class flagged)"
+        body += table(["model", f"trigger -> class {trig.get('class')} %", "same rows, no trigger %",
+                       "suspects: teacher's class %", "suspects: label %"], inherit_rows,
+                      caption=f"inheritance: the {what} reconstructed trigger applied to {trig.get('rows')} held-out "
+                              f"rows of other classes; the {noise.get('rows')} label-noise suspect training rows "
+                              "(a student copying its teacher's confident disagreement gives the teacher's class)")
+    return Section("audit", "Audit", body)
