@@ -83,6 +83,18 @@ def convergence_sentence(result: dict) -> str:
             f"{'converged' if c['converged'] else 'not converged'} by the rule")
 
 
+def curve_table(result: dict) -> str:
+    """Seed 0's scratch held-out curve at the budget and at twice the budget (the convergence check)."""
+    c = result["convergence"]
+    lines = []
+    for label, curve in ((f"{c['steps']} steps", c["curve"]), (f"{c['double_steps']} steps", c["double_curve"])):
+        points = {int(step): top1 for step, top1 in curve}
+        lines.append(f"| scratch, {label} | " + " | ".join(f"{step}: {100 * top1:.1f}"
+                                                          for step, top1 in sorted(points.items())) + " |")
+    width = max(line.count("|") for line in lines) - 1
+    return "\n".join(["| run | held-out top-1 % at step" + " |" * (width - 1), "|---" * width + "|", *lines])
+
+
 def orderings_table(results: dict[str, dict]) -> str:
     """One row per ordering from the literature, one column per table: the paired difference and whether its
     95 % interval reproduces the ordering."""
@@ -99,6 +111,38 @@ def orderings_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def findings(result: dict) -> str:
+    """The table's verdicts as sentences: KD against scratch, which rows beat KD (paired 95 % intervals above 0),
+    which lose to it, which are not resolved by 3 seeds, and the step-time cost of the slow rows."""
+    mean, ci = paired(result, "KD", "scratch")
+    groups: dict[str, list[str]] = {"yes": [], "no": [], "not resolved": []}
+    for row in result["rows"]:
+        if row["method"] in ("KD", "scratch"):
+            continue
+        m, c = paired(result, row["method"], "KD")
+        groups[verdict(c)].append(f"{row['method']} ({m:+.2f} [{c[0]:+.2f}, {c[1]:+.2f}])")
+    base = row_of(result, "scratch")["ms_per_step"]
+    slow = [f"{r['method']} {r['ms_per_step'] / base:.1f}x" for r in result["rows"] if r["ms_per_step"] > 1.5 * base]
+    lines = [f"* KD - scratch: {mean:+.2f} points [{ci[0]:+.2f}, {ci[1]:+.2f}] ({verdict(ci)}).",
+             f"* Beat KD: {', '.join(groups['yes']) or 'none'}.",
+             f"* Below KD: {', '.join(groups['no']) or 'none'}.",
+             f"* Not resolved by 3 seeds (interval spans 0): {', '.join(groups['not resolved']) or 'none'}.",
+             "* Step time against scratch's: " + (f"{', '.join(slow)}; every other row within 1.5x." if slow else
+                                                  "every row within 1.5x.")]
+    return "\n".join(lines)
+
+
+def headline(full: dict, few: dict) -> str:
+    """The README's sentence on the two tables."""
+    def kd_vs_scratch(result):
+        return (f"KD {100 * row_of(result, 'KD')['top1_mean']:.2f} % vs scratch "
+                f"{100 * row_of(result, 'scratch')['top1_mean']:.2f} % ({paired(result, 'KD', 'scratch')[0]:+.2f} "
+                "points)")
+    return (f"{full['compression']:.1f}x smaller student, {full['train']['steps']} steps, 3 seeds: with every label "
+            f"{kd_vs_scratch(full)}; with {few['labels']:,} labels plus the rest as a transfer set "
+            f"{kd_vs_scratch(few)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("full", type=Path)
@@ -106,8 +150,9 @@ def main() -> None:
     args = parser.parse_args()
     full, few = (json.loads(p.read_text()) for p in (args.full, args.few))
     for name, result in (("full labels", full), ("few labels", few)):
-        print(f"## {name}\n\n{convergence_sentence(result)}\n\n{methods_table(result)}\n")
+        print(f"## {name}\n\n{convergence_sentence(result)}\n\n{curve_table(result)}\n\n{methods_table(result)}\n\n{findings(result)}\n")
     print(orderings_table({"full labels": full, "few labels": few}))
+    print(f"\n{headline(full, few)}")
 
 
 if __name__ == "__main__":
