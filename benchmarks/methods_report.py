@@ -13,6 +13,8 @@ import math
 import statistics
 from pathlib import Path
 
+from methods import interval  # the same 95 % t-interval as the benchmark's rows
+
 # orderings reported by the papers (CIFAR-100 tables of Tian et al. 2020, Zhao et al. 2022, Huang et al. 2022):
 # (better, worse, where it was reported)
 ORDERINGS = [
@@ -30,17 +32,6 @@ ORDERINGS = [
 ]
 
 
-def t_interval(values: list[float]) -> list[float]:
-    """95 % t-interval of the mean (the same rule as `benchmarks/methods.py`'s `interval`)."""
-    from scipy import stats
-
-    if len(values) < 2:
-        return [math.nan, math.nan]
-    mean, sem = statistics.mean(values), statistics.stdev(values) / math.sqrt(len(values))
-    half = float(stats.t.ppf(0.975, len(values) - 1)) * sem
-    return [mean - half, mean + half]
-
-
 def verdict(ci: list[float]) -> str:
     """'yes' when the 95 % interval of a paired difference is above 0, 'no' when below, else 'not resolved'."""
     if any(math.isnan(v) for v in ci):
@@ -55,7 +46,7 @@ def row_of(result: dict, method: str) -> dict:
 def paired(result: dict, a: str, b: str) -> tuple[float, list[float]]:
     """Mean and 95 % interval, in points, of row a minus row b over the seeds (same seed = same init and order)."""
     diffs = [100 * (x - y) for x, y in zip(row_of(result, a)["top1_seeds"], row_of(result, b)["top1_seeds"])]
-    return statistics.mean(diffs), t_interval(diffs)
+    return statistics.mean(diffs), interval(diffs)
 
 
 def methods_table(result: dict) -> str:
