@@ -189,6 +189,7 @@ def distill(teacher: nn.Module, student: nn.Module, train, *, test=None, transfe
         trained = job.distill("student", copy.deepcopy(student), trained_teacher, bundle.distill_set(),
                               seed=seed + 3, eval_fn=job.accuracy_eval(cfg.train))
     summary = summarize(trained_teacher, trained, base, job, predictions=folder.file(PREDICTIONS_FILE))
+    summary["audit"] = {"ran": False}  # as in a CLI run without an audit: section (`kdistill audit` audits a config)
     folder.write_summary(summary)
     return DistillResult(trained, trained_teacher, base, summary, summary_table(summary), folder.path)
 

@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import pytest
@@ -5,6 +6,20 @@ import torch
 from torch import nn
 
 from kdistill.data import ArrayDataset
+
+# a finished run writes report.html (about a second with its plots): only the tests about the report need it, and
+# they turn it on with `report_on()`; the others would pay it in every run they make
+os.environ["KDISTILL_REPORT"] = "off"
+
+
+@contextlib.contextmanager
+def report_on():
+    """Runs made inside write their report.html, as they do outside the tests."""
+    os.environ["KDISTILL_REPORT"] = "on"
+    try:
+        yield
+    finally:
+        os.environ["KDISTILL_REPORT"] = "off"
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -6,7 +6,7 @@ from pathlib import Path
 import yaml
 
 from kdistill.cli import main
-from tests.conftest import tiny_config
+from tests.conftest import report_on, tiny_config
 
 SECTIONS = ("comparison", "curves", "pareto", "calibration", "per-class", "disagreements")
 
@@ -21,6 +21,7 @@ def tiny_report_run(folder: Path) -> Path:
     path = folder / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     run_dir = folder / "run"
-    code = main(["run", str(path), "--out", str(run_dir), "--no-progress"])
+    with report_on():
+        code = main(["run", str(path), "--out", str(run_dir), "--no-progress"])
     assert code == 0
     return run_dir

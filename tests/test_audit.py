@@ -19,7 +19,7 @@ from kdistill.audit.teacher import audit_teacher, inheritance
 from kdistill.cli import main
 from kdistill.data import ArrayDataset, DataBundle
 from kdistill.data.builtin import mnist1d
-from kdistill.report.html import build_report
+from kdistill.report.html import build_report, write_report
 from tests.conftest import blobs, tiny_config
 
 TRIGGER_ROWS = slice(37, 40)  # the planted trigger: +3, -3, +3 on the last three positions
@@ -221,6 +221,7 @@ def test_a_lowered_threshold_continues_and_records_the_inheritance(passed):
 
 def test_the_report_shows_the_audit_and_says_when_none_ran(passed, tmp_path):
     run_dir, _ = passed
+    write_report(run_dir)  # the runs of this module skip the automatic report (tests/conftest.py)
     page = (run_dir / "report.html").read_text()
     assert '<section id="audit" data-has-data="true">' in page
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from kdistill.encoders import SentenceEncoder, encode, teacher_embeddings  # noqa: E402
 from kdistill.errors import ConfigError  # noqa: E402
+from kdistill.report.html import write_report  # noqa: E402
 from kdistill.tasks import get_task, load_any  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,6 +114,7 @@ def test_a_tiny_run_writes_its_folder_skips_finished_stages_and_refuses_another_
     assert "student (distilled)" in task.table(first)
     # the report's scatter: the held-out pairs' similarities, saved at evaluation
     assert (run_dir / "similarities.safetensors").is_file()
+    write_report(run_dir)  # the automatic one is off in the tests (tests/conftest.py)
     assert '<section id="similarities" data-has-data="true">' in (run_dir / "report.html").read_text()
 
     # the same config again: teacher embeddings read back, the finished student loaded, not retrained

@@ -20,6 +20,7 @@ Run directory contract (every task, every scheme):
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -146,7 +147,7 @@ class RunDir:
         """Write `summary` atomically; the run's ``summary.json`` is followed by its ``report.html``."""
         if self.path is not None:
             atomic_write_bytes(self.path / name, json.dumps(summary, indent=2).encode())
-            if name == "summary.json":
+            if name == "summary.json" and report_enabled():
                 self.write_report()
 
     def write_report(self) -> None:
@@ -162,6 +163,12 @@ class RunDir:
             return
         for note in notes:
             self.log(f"note: {note}")
+
+
+def report_enabled() -> bool:
+    """Whether a finished run writes its ``report.html`` (``KDISTILL_REPORT=off`` skips it, e.g. in sweeps or
+    tests: ``kdistill report RUN_DIR`` writes it later from the same files)."""
+    return os.environ.get("KDISTILL_REPORT", "on").strip().lower() not in {"off", "0", "false", "no"}
 
 
 # per-example outputs kept for the report (`kdistill.evaluate.predictions`): files of the run, not stages
