@@ -53,7 +53,8 @@ def methods_table(result: dict) -> str:
     lines = ["| method | test top-1 % (mean ± std) | 95 % interval | held-out top-1 % | vs KD, points (paired, "
              "95 % interval) | beats KD? | ms / step |",
              "|---|---|---|---|---|---|---|",
-             f"| teacher {result['teacher']['model']} {'/'.join(map(str, result['teacher']['kwargs']['channels']))} "
+             f"| teacher {result['teacher']['model']} "
+             f"{', '.join(f'{k} {v}' for k, v in result['teacher']['kwargs'].items())} "
              f"| {100 * result['teacher_top1']:.2f} | | | | | |"]
     for row in result["rows"]:
         ci = f"[{100 * row['ci95'][0]:.2f}, {100 * row['ci95'][1]:.2f}]"

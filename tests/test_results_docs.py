@@ -78,3 +78,29 @@ def test_compress_doc_numbers():
     assert f"at most {max(r['onnx_fp32_max_abs_diff'] for r in result['runs'].values()):.2e}" in text
     assert f"{1 / ratio:.1f}x fewer bytes than the teacher's ONNX file at {100 * result['pipeline_retention']:.1f} %" \
         in text
+
+
+def test_methods_doc_tables():
+    """docs/methods.md's tables and verdicts are `benchmarks/methods_report.py`'s output for the committed JSONs;
+    the README's sentence is its headline; the issue's acceptance as measured."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import methods_report as report
+
+    text = (ROOT / "docs" / "methods.md").read_text()
+    full, few = load("methods_fashion_mnist.json"), load("methods_fashion_mnist_fewlabels.json")
+    for result in (full, few, load("methods_mnist1d.json")):
+        assert not result["quick"] and result["git_revision"] and result["command"]
+        for block in (report.convergence_sentence(result), report.curve_table(result),
+                      report.methods_table(result), report.findings(result)):
+            assert block in text, block[:80]
+    assert report.orderings_table({"full labels": full, "few labels": few}) in text
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert " ".join(report.headline(full, few).split()) in readme
+    assert few["labels"] == 1000 and full["labels"] is None
+    assert 10 <= full["compression"] <= 25 and len(full["seeds"]) >= 3
+    results_md = (ROOT / "docs" / "results.md").read_text()
+    for name, result in (("full labels", full), ("1,000 labels + transfer set", few)):
+        kd, scratch = report.row_of(result, "KD"), report.row_of(result, "scratch")
+        assert f"{name} KD {100 * kd['top1_mean']:.2f} vs scratch {100 * scratch['top1_mean']:.2f}" in results_md
