@@ -12,18 +12,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
-# name -> the fields it was recorded without (before provenance was stored by every script)
+# name -> the fields it was recorded without (before provenance was stored by every script); a file whose
+# revision was not recorded may say so in `git_revision` ("unrecorded: ..., first committed in <sha>")
 LEGACY = {
-    "encoder_distill.json": {"git_revision"},
     "encoder_distill_augment.json": {"git_revision"},
     "encoder_distill_l4_s4000_all.json": {"git_revision"},
-    "encoder_distill_s2000_24k.json": {"git_revision"},
     "eval_stability.json": {"threads"},
     "llm_distill.json": {"git_revision"},
     "llm_distill_heldout.json": {"git_revision", "torch", "threads"},
     "llm_loss_memory.json": {"git_revision"},
     "overhead.json": {"git_revision"},
-    "resume_check.json": {"git_revision"},
     "schemes.json": {"git_revision"},
     "throughput.json": {"git_revision"},
     "topk_quality.json": {"git_revision"},
