@@ -8,9 +8,24 @@ from pydantic import Field, field_validator, model_validator
 
 from kdistill.configbase import Strict
 
-__all__ = ["TrainConfig", "check_threads"]
+__all__ = ["TRACKERS", "TrainConfig", "check_threads", "check_trackers"]
 
 ThreadsSetting = Union[Literal["auto"], int]
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # Accelerate's trackers kdistill logs to (`train.log_with`)
+
+
+def check_trackers(value) -> list:
+    """A ``log_with`` setting as a list of installed tracker names ('tensorboard' alone is a one-item list); an
+    unknown or not installed tracker is a ValueError naming the package to install."""
+    from importlib.util import find_spec
+
+    names = [value] if isinstance(value, str) else list(value or [])
+    for name in names:
+        if name not in TRACKERS:
+            raise ValueError(f"unknown tracker {name!r}; allowed: {', '.join(TRACKERS)}")
+        if find_spec(name) is None:
+            raise ValueError(f"tracker {name!r} is not installed; pip install {name}, or remove it from log_with")
+    return list(dict.fromkeys(names))
 
 
 def check_threads(value):
@@ -47,11 +62,18 @@ class TrainConfig(Strict):
     threads: ThreadsSetting = Field("auto", description="CPU threads of the training steps: 'auto' "
                                                  "measures 1 thread against all cores at the stage start and when "
                                                  "the steps slow down (see kdistill.engine.threads), or a number")
+    log_with: list[str] = Field(default_factory=list, description="experiment trackers (Accelerate's) that get the "
+                                "scalars of metrics.jsonl, in RUN_DIR/tracking/<stage>: tensorboard, wandb, mlflow")
 
     @field_validator("threads", mode="before")
     @classmethod
     def _threads(cls, value):
         return check_threads(value)
+
+    @field_validator("log_with", mode="before")
+    @classmethod
+    def _trackers(cls, value):
+        return check_trackers(value)
 
     @model_validator(mode="after")
     def _accum_divides(self) -> "TrainConfig":

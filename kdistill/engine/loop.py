@@ -38,6 +38,7 @@ from kdistill.engine.runtime import (build_optimizer, deterministic_mode, get_ac
                                      stop_on_signals)
 from kdistill.engine.sampler import StepSampler, sample_lengths
 from kdistill.engine.threads import ThreadControl
+from kdistill.engine.tracking import Tracking, tracking_dir
 from kdistill.errors import KDError
 from kdistill.progress import Progress
 from kdistill.train_config import TrainConfig
@@ -102,7 +103,10 @@ class Engine:
         self.seed = seed
         self.progress = progress
         self.log = log
-        self.accelerator = get_accelerator(cfg.mixed_precision)
+        trackers = cfg.log_with if self.run_dir is not None else []
+        self.accelerator = get_accelerator(cfg.mixed_precision, trackers,
+                                           tracking_dir(self.run_dir) if trackers else None)
+        self.tracking: Optional[Tracking] = None
 
     def fit(self, distiller, data, *, eval_fn: Optional[Callable[[nn.Module], dict]] = None,
             collate_fn: Optional[Callable] = None) -> dict:
@@ -133,6 +137,8 @@ class Engine:
             return self._finish(run, t0)
         finally:
             threads.close()
+            if self.tracking is not None:
+                self.tracking.close()
 
     def _threads(self, run: _Run) -> ThreadControl:
         """The thread count of this run's steps (`kdistill.engine.threads`), begun at its first step."""
@@ -163,7 +169,10 @@ class Engine:
             except OSError as err:
                 raise KDError(f"cannot create the run directory {self.run_dir}: {err.strerror}",
                               fix="choose a writable --out directory") from None
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.run_dir else None, acc.is_main_process)
+        if self.run_dir is not None and cfg.log_with:  # the trackers get what metrics.jsonl gets
+            self.tracking = Tracking(acc, self.stage)
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.run_dir else None, acc.is_main_process,
+                             forward=self.tracking.log if self.tracking is not None else None)
 
         torch.manual_seed(self.seed * 7919 + rank)
         sampler = StepSampler(len(data), cfg.batch_size, seed=self.seed, rank=rank, world_size=world,

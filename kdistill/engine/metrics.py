@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -14,11 +14,13 @@ from kdistill.files import atomic_write_bytes
 
 
 class MetricsLog:
-    """Appends one JSON object per line to metrics.jsonl (rank 0 only)."""
+    """Appends one JSON object per line to metrics.jsonl (rank 0 only); `forward` (the experiment trackers, see
+    `kdistill.engine.tracking`) gets every record written."""
 
-    def __init__(self, path: Optional[Path], enabled: bool = True):
+    def __init__(self, path: Optional[Path], enabled: bool = True, forward: Optional[Callable[[dict], None]] = None):
         self.path = Path(path) if path else None
         self.enabled = enabled and self.path is not None
+        self.forward = forward
 
     def write(self, record: dict) -> None:
         if self.enabled:
@@ -29,6 +31,8 @@ class MetricsLog:
                 raise KDError(f"cannot append to {self.path}: {err.strerror or err}",
                               fix="free disk space or make the run directory writable, then run the same command "
                                   "again (earlier checkpoints are intact)") from None
+            if self.forward is not None:
+                self.forward(record)
 
     def drop_after(self, stage: str, step: int, evals_at_step: bool = False) -> None:
         """At the start of a stage (step 0 or a resumed step): forget records of `stage` past `step` (a killed

@@ -8,7 +8,7 @@ import os
 import signal
 import threading
 from contextlib import contextmanager
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -17,19 +17,25 @@ from kdistill.train_config import TrainConfig
 _ACCELERATOR = None
 
 
-def get_accelerator(mixed_precision: str = "no"):
-    """One Accelerator per process (Accelerate keeps process-wide state); recreated if precision changes."""
+def get_accelerator(mixed_precision: str = "no", log_with: Sequence[str] = (), project_dir=None):
+    """One Accelerator per process (Accelerate keeps process-wide state); recreated if precision changes, or when
+    experiment trackers (`log_with`, writing under `project_dir`) are asked for and differ from the current ones."""
     global _ACCELERATOR
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
-    if _ACCELERATOR is not None and _ACCELERATOR.mixed_precision == mixed_precision:
-        return _ACCELERATOR
-    if _ACCELERATOR is not None:
+    key = (list(log_with), str(project_dir) if log_with else None)
+    current = _ACCELERATOR
+    if current is not None and current.mixed_precision == mixed_precision and \
+            (not log_with or getattr(current, "_kdistill_trackers", ([], None)) == key):
+        return current
+    if current is not None:
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
     # without a GPU, cpu=True lets `torchrun`/`accelerate launch` runs use DDP over gloo on the CPU
-    _ACCELERATOR = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    options = {"log_with": list(log_with), "project_dir": str(project_dir)} if log_with else {}
+    _ACCELERATOR = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), **options)
+    _ACCELERATOR._kdistill_trackers = key
     return _ACCELERATOR
 
 
