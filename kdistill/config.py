@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from kdistill.audit.config import AuditConfig
 from kdistill.compress.config import CompressStep, ExportConfig, check_steps
 from kdistill.configbase import Strict, read_yaml
+from kdistill.data.munge import MungeConfig
 from kdistill.schemes.assistant import AssistantScheme
 from kdistill.schemes.cross_modal import CrossModalScheme
 from kdistill.schemes.lifelong import LifelongScheme
@@ -36,6 +37,8 @@ class TransferConfig(Strict):
 
     size: int = Field(0, ge=0, description="number of extra unlabeled inputs (0 = none)")
     seed: int = Field(1, description="generator seed of the transfer set; must differ from the data seed")
+    munge: Optional[MungeConfig] = Field(None, description="MUNGE pseudo-rows made from the training rows "
+                                         "(kdistill.data.munge, docs/blackbox.md)")
 
 
 class AugmentConfig(Strict):
@@ -182,6 +185,24 @@ class RunConfig(Strict):
                 raise ValueError(f"teacher.cache is only supported by scheme 'offline', not '{name}'; remove it")
             if self.data.augment is not None:
                 raise ValueError(f"data.augment is only supported by scheme 'offline', not '{name}'; remove it")
+        return self
+
+    @model_validator(mode="after")
+    def _api_teacher_fits(self) -> "RunConfig":
+        """A black-box teacher (teacher.kind: api) answers fixed inputs once: scheme offline, no augmentation,
+        no audit (its probes would be new queries), no student derived from its (unknown) architecture."""
+        if self.teacher is None or self.teacher.kind != "api":
+            return self
+        if any(getattr(t, "kind", "model") == "api" for t in getattr(self.scheme, "teachers", [])):
+            raise ValueError("teacher kind: api is supported by scheme 'offline' only")
+        for bad, why in ((self.scheme.name != "offline", f"scheme '{self.scheme.name}' (use scheme offline)"),
+                         (getattr(self.data, "augment", None) is not None, "data.augment (every new view would be "
+                                                                            "a new paid query; remove it)"),
+                         (self.audit is not None, "audit (its probes would be new queries; remove it)"),
+                         (getattr(self.student, "from_teacher", None) is not None,
+                          "student.from_teacher (the black box has no architecture; name the student)")):
+            if bad:
+                raise ValueError(f"teacher kind: api does not support {why}")
         return self
 
     @model_validator(mode="after")

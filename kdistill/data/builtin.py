@@ -142,4 +142,9 @@ def load_data(cfg) -> DataBundle:
     if test_size:
         t = bundle.test.tensors
         bundle.test = ArrayDataset({k: v[:test_size] for k, v in t.items()}, bundle.test.name)
+    munge_cfg = getattr(cfg.transfer, "munge", None)
+    if munge_cfg is not None:  # MUNGE pseudo-rows from the training rows join the transfer set
+        from kdistill.data.munge import with_munge
+
+        bundle = with_munge(bundle, munge_cfg)
     return bundle

@@ -114,9 +114,25 @@ def munge(x: np.ndarray, *, size: Optional[int] = None, multiplier: Optional[int
 
 
 def munge_config_rows(x: np.ndarray, cfg: MungeConfig) -> np.ndarray:
-    """`munge` with the settings of a ``data.transfer.munge`` section; inputs of any shape are refused unless
-    they are rows of features."""
+    """`munge` with the settings of a ``data.transfer.munge`` section."""
     return munge(x, size=cfg.size, multiplier=cfg.multiplier, p=cfg.p, s=cfg.s, seed=cfg.seed, nominal=cfg.nominal)
 
 
-__all__ = ["MungeConfig", "munge", "munge_config_rows", "nearest_neighbours", "neighbour_features"]
+def with_munge(bundle, cfg: MungeConfig, where: str = "data.transfer.munge"):
+    """`bundle` with MUNGE rows of its training inputs added to its transfer set (unlabeled: the teacher labels
+    them). The inputs must be rows of features, ``(n, d)``."""
+    import torch
+
+    from kdistill.data.arrays import ArrayDataset, concat
+
+    x = bundle.train.tensors["x"]
+    if x.dim() != 2:
+        raise DataError(f"MUNGE makes rows of a table, but the training inputs have shape {tuple(x.shape)}",
+                        where=where, fix="use tabular data (one feature vector per row) or remove munge")
+    rows = munge_config_rows(x.double().numpy(), cfg)
+    made = ArrayDataset({"x": torch.from_numpy(rows.astype(np.float32))}, f"{bundle.name}-munge")
+    bundle.transfer = made if bundle.transfer is None else concat(bundle.transfer, made, bundle.transfer.name)
+    return bundle
+
+
+__all__ = ["MungeConfig", "munge", "munge_config_rows", "nearest_neighbours", "neighbour_features", "with_munge"]

@@ -55,7 +55,7 @@ def _stages_to_train(job: SchemeJob) -> dict[str, int]:
     """The stages this run still trains, in order, with their steps (for the run's progress ETA)."""
     cfg = job.cfg
     stages = {}
-    if not cfg.teacher.weights:
+    if not cfg.teacher.weights and cfg.teacher.kind == "model":
         stages["teacher"] = teacher_train_config(cfg.teacher, cfg.train).steps
     if cfg.baseline:
         stages["baseline"] = cfg.train.steps
@@ -84,7 +84,8 @@ def _run(job: SchemeJob) -> dict:
     Taps(job.student(), student_taps)
     if cfg.teacher.weights:
         load_configured_weights(teacher, cfg.teacher, "teacher", trust=job.trust_checkpoint)
-    _preflight(job, teacher if cfg.teacher.weights else None, terms, student_taps, teacher_taps)
+    given = bool(cfg.teacher.weights) or cfg.teacher.kind == "api"
+    _preflight(job, teacher if given else None, terms, student_taps, teacher_taps)
     teacher = _teacher(job, teacher)
     job.check_teacher(teacher)
     from kdistill.audit.stage import audit_record_for_summary, audit_stage
@@ -114,6 +115,12 @@ def _run(job: SchemeJob) -> dict:
 
 
 def _teacher_model(job: SchemeJob) -> nn.Module:
+    if job.cfg.teacher.kind == "api":  # a black box: its budget is checked for every row the run will ask about
+        from kdistill.teachers.setup import api_rows, api_teacher, check_api_budget
+
+        model = api_teacher(job.cfg.teacher, job.bundle.num_classes, job.run_dir.path, log=job.log)
+        check_api_budget(model, api_rows(job.bundle), log=job.log)
+        return model
     return job.model(job.cfg.teacher, job.cfg.seed + TEACHER_SEED, "teacher")
 
 
@@ -121,6 +128,12 @@ def _teacher(job: SchemeJob, model: Optional[nn.Module] = None) -> nn.Module:
     """The frozen teacher: its configured weights (a `model` given here has them loaded already), or the stage
     ``teacher`` on the (augmented) labelled data."""
     cfg = job.cfg
+    if cfg.teacher.kind == "api":  # every row asked for up front (batched, cached), then read from the cache
+        from kdistill.teachers.setup import api_rows
+
+        model = model if model is not None else _teacher_model(job)
+        model.label(*api_rows(job.bundle))
+        return freeze(model)
     if model is not None and cfg.teacher.weights:
         return freeze(model)
     return job.teacher(model=model, data=maybe_augment(job.bundle.train, cfg.data.augment, cfg.seed),
@@ -239,16 +252,18 @@ def evaluate_run_dir(run_dir: Path, *, log=print, trust_checkpoint: bool = False
 
     run_dir = Path(run_dir)
     cfg = load_resolved(run_dir / "config.yaml")
-    stages = (["teacher"] if not cfg.teacher.weights else []) + (["baseline"] if cfg.baseline else []) + ["student"]
+    trained_teacher = not cfg.teacher.weights and cfg.teacher.kind == "model"
+    stages = (["teacher"] if trained_teacher else []) + (["baseline"] if cfg.baseline else []) + ["student"]
     missing = [name for name in stages if not (run_dir / f"{name}.safetensors").is_file()]
     if missing:
         raise KDError(f"{run_dir} is not finished: stage(s) {', '.join(missing)} have no weights yet",
                       fix=f"resume with: kdistill run {run_dir}")
     job = SchemeJob.start(cfg, run_dir, log=log, trust_checkpoint=trust_checkpoint)
     teacher = _teacher_model(job)
-    path = teacher_path(cfg, run_dir)
-    load_into(teacher, load_state_dict_file(path, where="teacher.weights", trust=trust_checkpoint),
-              where="teacher.weights", source=str(path))
+    if cfg.teacher.kind == "model":
+        path = teacher_path(cfg, run_dir)
+        load_into(teacher, load_state_dict_file(path, where="teacher.weights", trust=trust_checkpoint),
+                  where="teacher.weights", source=str(path))
     student = _trained_student(job, "student")
     baseline = _trained_student(job, "baseline") if (run_dir / "baseline.safetensors").is_file() else None
     from kdistill.schemes.deploy import optional_artifacts

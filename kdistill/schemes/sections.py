@@ -73,11 +73,89 @@ class CacheConfig(Strict):
     shard_rows: Optional[int] = Field(None, ge=1, description="samples per shard (default: ~64 MiB shards)")
 
 
-class TeacherConfig(ModelConfig):
-    """The teacher. With no `weights`, it is first trained on the labelled data with `train`."""
+class ApiFields(Strict):
+    """The JSON field names of an HTTP teacher (request and answer)."""
 
+    inputs: str = "inputs"
+    labels: str = "labels"
+    probs: str = "probs"
+    topk: str = "topk"
+    indices: str = "indices"
+    topk_probs: str = Field("probs", description="the probabilities inside the top-k object")
+
+
+class ApiTeacherConfig(Strict):
+    """A black-box teacher (`kdistill.teachers.api`, docs/blackbox.md): a Python callable or a local HTTP endpoint
+    answering labels, probabilities or top-k; budget, batching, retries and a persistent answer cache."""
+
+    call: Optional[str] = Field(None, description="'package.module:function' (rows -> answer); with teacher.kwargs "
+                                                  "a factory called once with them")
+    url: Optional[str] = Field(None, description="HTTP endpoint: POST {inputs: [[...]]} -> {labels|probs|topk}")
+    fields: ApiFields = ApiFields()
+    as_torch: bool = Field(False, description="pass the callable a torch tensor instead of a numpy array")
+    budget: Optional[int] = Field(None, ge=1, description="most rows ever sent to the teacher (across restarts)")
+    batch_size: int = Field(64, ge=1, description="rows per request")
+    retries: int = Field(4, ge=0, le=20, description="extra attempts on connection errors, HTTP 5xx and 429")
+    backoff: float = Field(0.5, ge=0, description="first wait before a retry (seconds), doubled each attempt")
+    max_backoff: float = Field(30.0, ge=0, description="longest wait between attempts (seconds)")
+    timeout: float = Field(30.0, gt=0, description="seconds per HTTP request")
+    answers: Optional[str] = Field(None, description="answer cache (SQLite file; default "
+                                                     "RUN_DIR/teacher-answers.sqlite)")
+    identity: str = Field("", description="extra text in the cache key (e.g. the remote model's version)")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="hard-label answers: (1 - eps) one-hot + eps / C")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ApiTeacherConfig":
+        if (self.call is None) == (self.url is None):
+            raise ValueError("kind: api needs exactly one of 'call' (package.module:function) or 'url'")
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url '{self.url}' must start with http:// or https://")
+        if self.call is not None and ":" not in self.call:
+            raise ValueError(f"call '{self.call}' must be 'package.module:function'")
+        return self
+
+
+class TeacherConfig(ModelConfig):
+    """The teacher. With no `weights`, it is first trained on the labelled data with `train`. With ``kind: api``
+    it is a black box (`api`; its fields may also be written directly under ``teacher:``)."""
+
+    kind: Literal["model", "api"] = Field("model", description="'model' (a torch model) or 'api' (a black box)")
+    name: Optional[str] = Field(None, description="built-in name or 'package.module:factory' (kind: model)")
     train: Optional[TrainConfig] = None
     cache: Optional[CacheConfig] = Field(None, description="train the student from stored teacher outputs")
+    api: Optional[ApiTeacherConfig] = Field(None, description="the black box (kind: api)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _api_fields_inline(cls, data: Any) -> Any:
+        """``teacher: {kind: api, url: ..., budget: ...}``: fields of the black box written under ``teacher:``
+        are moved into ``teacher.api``."""
+        if isinstance(data, dict) and data.get("kind") == "api":
+            inline = [k for k in data if k in ApiTeacherConfig.model_fields]
+            if inline:
+                data = dict(data)
+                api = dict(data.get("api") or {})
+                for key in inline:
+                    api[key] = data.pop(key)
+                data["api"] = api
+        return data
+
+    @model_validator(mode="after")
+    def _kind_fits(self) -> "TeacherConfig":
+        if self.kind == "model":
+            if self.name is None:
+                raise ValueError("teacher needs a 'name' (or kind: api with call / url)")
+            if self.api is not None:
+                raise ValueError("teacher.api is for kind: api; add 'kind: api' or remove it")
+            return self
+        if self.api is None:
+            raise ValueError("kind: api needs 'call' (package.module:function) or 'url'")
+        given = [k for k in ("name", "weights", "train", "cache") if getattr(self, k) is not None]
+        if given:
+            raise ValueError(f"a kind: api teacher does not use {', '.join(given)} (its answers are cached in "
+                             f"teacher.answers); remove {'it' if len(given) == 1 else 'them'}")
+        return self
 
 
-__all__ = ["CacheConfig", "FromTeacher", "ModelConfig", "StudentConfig", "TeacherConfig"]
+__all__ = ["ApiFields", "ApiTeacherConfig", "CacheConfig", "FromTeacher", "ModelConfig", "StudentConfig",
+           "TeacherConfig"]

@@ -16,6 +16,7 @@ from kdistill.losses.sparse import SPARSE_LOSSES, loss_temperature
 from kdistill.teachers.cache import LOGITS, CacheSpec, CachedTeacher, build_cache
 
 DEFAULT_DIR = "teacher-cache"
+ANSWERS_FILE = "teacher-answers.sqlite"  # a black-box teacher's answer cache in the run directory
 
 
 def cached_outputs(terms: Sequence[Any]) -> list[str]:
@@ -77,3 +78,55 @@ def prepare_cache(teacher: Callable, dataset: Any, cache_cfg: Any, terms: Sequen
         log(f"teacher cache {directory}: {m['num_samples']} samples x {m['views']} view(s), "
             f"{', '.join(f.name + ' ' + f.kind for f in cached.fields)}, {m['row_bytes']} bytes per sample")
     return cached
+
+
+# -- black-box teachers (kind: api; kdistill.teachers.api) -------------------------------------------------------
+
+def api_teacher(teacher_cfg: Any, num_classes: int, run_dir: Optional[os.PathLike], *,
+                log: Callable[[str], None] = print, sleep: Optional[Callable[[float], None]] = None) -> Any:
+    """The `ApiTeacherModel` of a ``teacher: {kind: api, ...}`` section: its backend (callable or URL), its answer
+    cache (``teacher.answers``, default RUN_DIR/teacher-answers.sqlite) and budget. Sends nothing."""
+    import time
+
+    from kdistill.teachers.api import ApiTeacher, ApiTeacherModel, CallableBackend, HttpBackend
+    from kdistill.teachers.api_cache import AnswerCache
+
+    api = teacher_cfg.api
+    if api.url is not None:
+        backend = HttpBackend(api.url, api.fields.model_dump(), timeout=api.timeout, where="teacher.url")
+    else:
+        backend = CallableBackend(api.call, teacher_cfg.kwargs, as_torch=api.as_torch, where="teacher.call")
+    if api.answers:
+        path = Path(api.answers)
+    elif run_dir is not None:
+        path = Path(run_dir) / ANSWERS_FILE
+    else:
+        raise ConfigError("a kind: api teacher keeps its answers in a file, but the run has no run directory",
+                          where="teacher.answers", fix="set teacher.answers or give the run an --out directory")
+    cache = AnswerCache(path, f"{backend.identity}|{api.identity}")
+    teacher = ApiTeacher(backend, cache, budget=api.budget, batch_size=api.batch_size, retries=api.retries,
+                         backoff=api.backoff, max_backoff=api.max_backoff, fields=api.fields.model_dump(),
+                         where="teacher", sleep=sleep or time.sleep, log=log)
+    return ApiTeacherModel(teacher, num_classes, api.label_smoothing)
+
+
+def api_rows(bundle: Any, data: Any = None) -> list:
+    """The datasets a run asks a black-box teacher about: the student's data (default: train + transfer), the
+    validation split if any, and the test set (the teacher's own evaluation)."""
+    data = data if data is not None else bundle.distill_set()
+    return [d for d in (data, getattr(bundle, "validation", None), bundle.test) if d is not None]
+
+
+def check_api_budget(model: Any, datasets: Sequence[Any], log: Callable[[str], None] = print) -> int:
+    """Refuse (before anything is sent) a run whose rows not yet answered exceed the teacher's budget; returns
+    the number of rows the run will send."""
+    from kdistill.teachers.api import stacked_rows
+
+    teacher = model.teacher
+    rows = stacked_rows(datasets)
+    missing = len(teacher.cache.missing(teacher.cache.keys(rows)))
+    teacher.check_budget(missing)
+    budget = f" of a budget of {teacher.budget}" if teacher.budget is not None else ""
+    log(f"teacher API: {len(rows) - missing} of {len(rows)} rows answered by the cache {teacher.cache.path}; "
+        f"{missing} to send ({teacher.cache.sent()} sent before{budget})")
+    return missing
