@@ -10,13 +10,14 @@ cache sections live in `kdistill.schemes.sections`, each scheme's section next t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from kdistill.audit.config import AuditConfig
 from kdistill.compress.config import CompressStep, ExportConfig, check_steps
 from kdistill.configbase import Strict, read_yaml
+from kdistill.data.sources import BUILTIN_TAG, FILES_TAG, SourceConfig, UserDataBase, data_form
 from kdistill.data.munge import MungeConfig
 from kdistill.schemes.assistant import AssistantScheme
 from kdistill.schemes.cross_modal import CrossModalScheme
@@ -51,6 +52,8 @@ class AugmentConfig(Strict):
 
 
 class DataConfig(Strict):
+    """The built-in datasets (``data: {name: ...}``); the user's own files are `UserDataConfig`."""
+
     name: Literal["mnist1d", "digits", "fashion_mnist"] = "mnist1d"
     root: Optional[str] = Field(None, description="folder of the Fashion-MNIST IDX files")
     seed: int = Field(0, description="seed of the dataset generator / split")
@@ -58,6 +61,17 @@ class DataConfig(Strict):
     test_size: Optional[int] = Field(None, ge=1, description="evaluate on the first N test samples only (quick runs)")
     transfer: TransferConfig = TransferConfig()
     augment: Optional[AugmentConfig] = Field(None, description="random augmentation of the training inputs")
+
+
+class UserDataConfig(UserDataBase):
+    """The user's own data (``data: {train: ..., test: ..., validation: ..., transfer: ...}``; docs/data.md)."""
+
+    augment: Optional[AugmentConfig] = Field(None, description="random augmentation of the training inputs")
+
+
+# ``data:`` is the built-in form or the files form, told apart by its keys (kdistill.data.sources.data_form)
+DataChoice = Annotated[Union[Annotated[DataConfig, Tag(BUILTIN_TAG)], Annotated[UserDataConfig, Tag(FILES_TAG)]],
+                       Discriminator(data_form)]
 
 
 class TermConfig(Strict):
@@ -145,7 +159,8 @@ SCHEMES_WITH_TEACHER = ("offline", "specialists", "assistant", "cross_modal", "s
 class RunConfig(Strict):
     task: Literal["classification"] = "classification"
     seed: int = 0
-    data: DataConfig = DataConfig()
+    data: DataChoice = Field(default_factory=DataConfig, description="built-in data {name: ...} or the user's "
+                             "own {train, validation, test, transfer} (docs/data.md)")
     teacher: Optional[TeacherConfig] = Field(None, description="required by schemes offline, specialists, assistant, "
                                                                  "cross_modal, selective")
     student: StudentConfig
@@ -272,6 +287,6 @@ def load_config(path: Union[str, Path]) -> RunConfig:
     return parse_config(read_yaml(path), str(path))
 
 
-__all__ = ["AugmentConfig", "CacheConfig", "DataConfig", "DistillConfig", "EvalConfig", "ModelConfig", "RunConfig",
-           "SCHEMES_WITH_TEACHER", "SchemeConfig", "TeacherConfig", "TermConfig", "TrainConfig", "TransferConfig",
-           "dump_config", "load_config", "parse_config"]
+__all__ = ["AugmentConfig", "CacheConfig", "DataChoice", "DataConfig", "DistillConfig", "EvalConfig", "ModelConfig",
+           "RunConfig", "SCHEMES_WITH_TEACHER", "SchemeConfig", "SourceConfig", "TeacherConfig", "TermConfig",
+           "TrainConfig", "TransferConfig", "UserDataConfig", "dump_config", "load_config", "parse_config"]

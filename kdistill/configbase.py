@@ -28,8 +28,8 @@ def _field_path(loc: tuple[Union[int, str], ...]) -> str:
     for i, part in enumerate(loc):
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part.startswith("function-") or part.endswith("]"):
-            continue
+        elif part.startswith(("function-", "form:")) or part.endswith("]"):
+            continue  # validator wrappers and union tags (`form:...`, see kdistill.data.sources) are not fields
         elif i and loc[i - 1] == "scheme" and out == "scheme":
             continue  # the union tag (scheme name) is not a field
         else:

@@ -76,24 +76,35 @@ def concat(a: ArrayDataset, b: ArrayDataset, name: str) -> ArrayDataset:
 
 @dataclass
 class DataBundle:
-    """What a run needs: labelled train and test sets, optional transfer set, and the data facts."""
+    """What a run needs: labelled train and test sets, optional transfer set, and the data facts.
+
+    ``train`` is None only for a data-free run (``data.train: none``: its inputs come from a synthesizer);
+    ``validation`` is an optional held-out labelled split (evaluation during training)."""
 
     name: str
-    train: ArrayDataset
+    train: Optional[ArrayDataset]
     test: ArrayDataset
     num_classes: int
     input_shape: tuple[int, ...]
     transfer: Optional[ArrayDataset] = None
     info: dict = field(default_factory=dict)
+    validation: Optional[ArrayDataset] = None
 
     def distill_set(self) -> ArrayDataset:
         """The inputs the student sees when a teacher labels them: train plus transfer set."""
+        if self.train is None:
+            if self.transfer is None:
+                raise DataError("this run reads no training split (data.train: none) and has no transfer set",
+                                where="data.train", fix="give a training split or a transfer set")
+            return self.transfer
         if self.transfer is None:
             return self.train
         return concat(self.train, self.transfer, f"{self.name}+transfer")
 
 
-def check_labels(ds: ArrayDataset, num_classes: int) -> None:
+def check_labels(ds: Optional[ArrayDataset], num_classes: int) -> None:
+    if ds is None:  # no such split (a data-free run's training set)
+        return
     y = ds.tensors.get("y")
     if y is None:
         return

@@ -122,7 +122,14 @@ def fashion_mnist(root: Optional[str] = None, train_size: Optional[int] = None) 
 
 
 def load_data(cfg) -> DataBundle:
-    """Build the `DataBundle` of a `DataConfig`."""
+    """Build the `DataBundle` of a `DataConfig`, or of the files form of ``data:`` (`kdistill.data.user`; a
+    ``train: none`` config is refused here: a data-free scheme reads it with `kdistill.data.load_without_train`)."""
+    from kdistill.data.sources import UserDataBase
+
+    if isinstance(cfg, UserDataBase):
+        from kdistill.data.user import load_user_data
+
+        return load_user_data(cfg)
     if cfg.name == "mnist1d":
         bundle = mnist1d(seed=42 + cfg.seed, transfer_size=cfg.transfer.size,
                          transfer_seed=cfg.transfer.seed + 1000)

@@ -180,6 +180,7 @@ class SchemeJob:
         bundle = load_data(cfg.data)
         check_labels(bundle.train, bundle.num_classes)
         check_labels(bundle.test, bundle.num_classes)
+        check_labels(bundle.validation, bundle.num_classes)
         return cls(cfg, bundle, folder, progress, log, trust_checkpoint, weak_teacher)
 
     def check_teacher(self, teacher: nn.Module, where: str = "teacher") -> float:
@@ -203,10 +204,12 @@ class SchemeJob:
         return config_terms(self.cfg)
 
     def accuracy_eval(self, train_cfg: TrainConfig) -> Optional[Callable[[nn.Module], dict]]:
-        """Test accuracy during training when ``eval_every`` asks for it (else None)."""
+        """Accuracy during training when ``eval_every`` asks for it (else None): on the validation split when the
+        data has one, else on the test set."""
         if not train_cfg.eval_every:
             return None
-        return lambda model: {"accuracy": top1_accuracy(model, self.bundle.test)}
+        held_out = self.bundle.validation if self.bundle.validation is not None else self.bundle.test
+        return lambda model: {"accuracy": top1_accuracy(model, held_out)}
 
     def stage(self, name: str, objective, data, *, seed: int, train_cfg: Optional[TrainConfig] = None,
               side_weights: bool = False, eval_fn: Optional[Callable] = None) -> nn.Module:
