@@ -18,6 +18,7 @@ from kdistill.audit.config import AuditConfig
 from kdistill.compress.config import CompressStep, ExportConfig, check_steps
 from kdistill.configbase import Strict, read_yaml
 from kdistill.data.sources import BUILTIN_TAG, FILES_TAG, SourceConfig, UserDataBase, data_form
+from kdistill.datafree.config import BoundaryConfig, DataFreeConfig
 from kdistill.data.munge import MungeConfig
 from kdistill.schemes.assistant import AssistantScheme
 from kdistill.schemes.cross_modal import CrossModalScheme
@@ -40,6 +41,8 @@ class TransferConfig(Strict):
     seed: int = Field(1, description="generator seed of the transfer set; must differ from the data seed")
     munge: Optional[MungeConfig] = Field(None, description="MUNGE pseudo-rows made from the training rows "
                                          "(kdistill.data.munge, docs/blackbox.md)")
+    boundary: Optional[BoundaryConfig] = Field(None, description="boundary samples: PGD copies of each batch "
+                                               "toward teacher-student disagreement (docs/data_free.md)")
 
 
 class AugmentConfig(Strict):
@@ -61,6 +64,13 @@ class DataConfig(Strict):
     test_size: Optional[int] = Field(None, ge=1, description="evaluate on the first N test samples only (quick runs)")
     transfer: TransferConfig = TransferConfig()
     augment: Optional[AugmentConfig] = Field(None, description="random augmentation of the training inputs")
+    train: Optional[Literal["none"]] = Field(None, description="'none': read no training split (data-free "
+                                             "distillation with a data_free section; docs/data_free.md)")
+
+    @property
+    def data_free(self) -> bool:
+        """True when no training split is read (``train: none``)."""
+        return self.train == "none"
 
 
 class UserDataConfig(UserDataBase):
@@ -175,6 +185,8 @@ class RunConfig(Strict):
     export: Optional[ExportConfig] = Field(None, description="ONNX export (fp32, int8) of the final model")
     audit: Optional[AuditConfig] = Field(None, description="audit the teacher before distillation (scheme offline, "
                                          "multi_teacher; docs/audit.md); a violated threshold stops the run")
+    data_free: Optional[DataFreeConfig] = Field(None, description="train the student on inputs synthesised from "
+                                                "the teacher (deepinversion | dfad; docs/data_free.md)")
 
     @field_validator("compress")
     @classmethod
@@ -200,6 +212,14 @@ class RunConfig(Strict):
                 raise ValueError(f"teacher.cache is only supported by scheme 'offline', not '{name}'; remove it")
             if self.data.augment is not None:
                 raise ValueError(f"data.augment is only supported by scheme 'offline', not '{name}'; remove it")
+        return self
+
+    @model_validator(mode="after")
+    def _data_free_section(self) -> "RunConfig":
+        """``data_free`` / ``data.train: none`` / ``data.transfer.boundary``: kdistill.datafree.config.check_run."""
+        from kdistill.datafree.config import check_run
+
+        check_run(self)
         return self
 
     @model_validator(mode="after")

@@ -12,6 +12,7 @@ version, gating, adapters, stateful module); ``get_loss(name)`` gives its `LossS
 from __future__ import annotations
 
 
+from kdistill.losses.adversarial import DiscriminatorLoss
 from kdistill.losses.contrastive import CRDLoss, simcse
 from kdistill.losses.encoder import (
     attention_kl,
@@ -52,6 +53,8 @@ register(LossSpec("pkt", "relation", pkt, summary="probabilistic knowledge trans
 register(LossSpec("correlation_congruence", "relation", correlation_congruence, summary="correlation congruence"),
          "cc")
 register(LossSpec("crd", "contrastive", module=CRDLoss, summary="contrastive representation distillation"))
+register(LossSpec("adversarial", "response", module=DiscriminatorLoss,
+                  summary="GAN-like KD: a discriminator tells teacher from student outputs"))
 # -- encoders: token-level tensors with mask= (also usable on tapped tensors of any model) --------------------
 # ``feature`` / ``min_layer`` / ``default_layers`` tell the encoder distiller (kdistill.encoders) which per-layer
 # feature a term reads and how it pairs layers; the tap losses among them keep their kind ``feature``.

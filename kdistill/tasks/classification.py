@@ -12,7 +12,13 @@ from kdistill.tasks import Task
 
 
 def _run(cfg: RunConfig, run_dir, *, progress: bool = True, log=print, **options) -> dict:
+    from kdistill.datafree.job import uses_datafree
     from kdistill.schemes import run
+
+    if uses_datafree(cfg):  # data_free / data.train: none / boundary samples (docs/data_free.md)
+        from kdistill.datafree.job import run as run_datafree
+
+        return run_datafree(cfg, run_dir, progress=progress, log=log, **options)
 
     return run(cfg, run_dir, progress=progress, log=log, **options)
 
