@@ -16,8 +16,8 @@ from kdistill.configbase import Strict
 from kdistill.losses.lm import DIVERGENCES
 from kdistill.train_config import TrainConfig
 
-__all__ = ["LMCacheConfig", "LMDataConfig", "LMDistillConfig", "LMEvalConfig", "LMRunConfig", "LMStudentConfig",
-           "LMTeacherConfig", "OnPolicyConfig"]
+__all__ = ["CROSS_LOSSES", "LMCacheConfig", "LMDataConfig", "LMDistillConfig", "LMEvalConfig", "LMRunConfig",
+           "LMStudentConfig", "LMStudentSize", "LMTeacherConfig", "LMTermConfig", "OnPolicyConfig"]
 
 Divergence = Literal[DIVERGENCES]  # type: ignore[valid-type]  # forward_kl, reverse_kl, jsd, ...
 
@@ -37,17 +37,42 @@ class LMTeacherConfig(Strict):
     cache: Optional[LMCacheConfig] = Field(None, description="train from stored teacher outputs (no on-policy)")
 
 
+class LMStudentSize(Strict):
+    """A new Llama-style student (random initialisation) for a student tokenizer of its own."""
+
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(512, ge=8)
+
+    @model_validator(mode="after")
+    def _heads(self) -> "LMStudentSize":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        return self
+
+
 class LMStudentConfig(Strict):
-    """The student: the teacher's class with a subset of its decoder layers (weights copied)."""
+    """The student: the teacher's class with a subset of its decoder layers (weights copied); or, with a
+    `tokenizer` of its own, a new model of `size` (cross-tokenizer distillation, docs/llm.md)."""
 
     every: Optional[int] = Field(3, ge=1, description="keep teacher layers 0, every, 2*every, ...")
     layers: Optional[list[int]] = Field(None, description="or: explicit teacher layer indices (set every: null)")
     freeze_embeddings: bool = Field(False, description="keep the (tied) embeddings / output head fixed")
+    tokenizer: Optional[str] = Field(None, description="a tokenizer of the student's own: 'minilm' (the BERT "
+                                     "WordPiece tokenizer of the packaged all-MiniLM-L6-v2) or a local folder")
+    size: LMStudentSize = Field(default_factory=LMStudentSize, description="the new student (with `tokenizer`)")
 
     @model_validator(mode="after")
     def _one_rule(self) -> "LMStudentConfig":
         if (self.every is None) == (self.layers is None):
             raise ValueError("give exactly one of 'every' and 'layers' (set the other to null)")
+        if self.tokenizer is not None and (self.layers is not None or self.freeze_embeddings):
+            raise ValueError("layers / freeze_embeddings pick teacher layers, but a student with its own tokenizer "
+                             "is a new model: set its student.size instead")
+        if self.tokenizer is None and self.size != LMStudentSize():
+            raise ValueError("student.size builds a new model for a student tokenizer: set student.tokenizer too "
+                             "(without it the student is cut from the teacher: every / layers)")
         return self
 
 
@@ -75,7 +100,32 @@ class OnPolicyConfig(Strict):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
+CROSS_LOSSES = ("uld", "gold")  # cross-tokenizer terms (registry losses with cross_vocab=True)
+
+
+class LMTermConfig(Strict):
+    """One term of ``distill.terms``: ``ce``, a same-vocabulary divergence (``forward_kl``, ``jsd``, ...) or a
+    cross-tokenizer loss (``uld``, ``gold``)."""
+
+    loss: Literal[("ce", *DIVERGENCES, *CROSS_LOSSES)]  # type: ignore[valid-type]
+    weight: float = Field(1.0, gt=0)
+    name: Optional[str] = Field(None, description="the term's name in the logs (default: the loss)")
+    matched_weight: float = Field(0.0, ge=0, description="gold: weight of the exact-match part on the tokens both "
+                                  "vocabularies share (the hybrid); 0 = sorted L1 only")
+    matched_divergence: Divergence = Field("jsd", description="gold: the divergence of the exact-match part")
+
+    @model_validator(mode="after")
+    def _gold_only(self) -> "LMTermConfig":
+        if self.loss != "gold" and (self.matched_weight != 0 or self.matched_divergence != "jsd"):
+            raise ValueError(f"matched_weight / matched_divergence belong to the gold loss, not '{self.loss}'")
+        return self
+
+
 class LMDistillConfig(Strict):
+    terms: Optional[list[LMTermConfig]] = Field(None, description="the objective as terms (instead of "
+                                                "divergence / kd_weight / ce_weight); needed for uld / gold")
+    teacher_k: Optional[int] = Field(None, ge=1, description="cross-tokenizer terms with a live teacher: keep its "
+                                     "top-k per span (None: every entry, exact)")
     divergence: Divergence = "forward_kl"
     temperature: float = Field(1.0, gt=0)
     beta: float = Field(0.5, ge=0, le=1, description="jsd: weight of the teacher in the mixture")
@@ -89,7 +139,32 @@ class LMDistillConfig(Strict):
     def _something(self) -> "LMDistillConfig":
         if self.kd_weight == 0 and self.ce_weight == 0:
             raise ValueError("kd_weight and ce_weight are both 0: nothing to train")
+        if self.terms is not None:
+            if not self.terms:
+                raise ValueError("terms is empty: give at least one term (or remove terms)")
+            defaults = {"divergence": "forward_kl", "kd_weight": 1.0, "ce_weight": 0.0}
+            clash = sorted(k for k, v in defaults.items() if getattr(self, k) != v)
+            if clash:
+                raise ValueError(f"give the objective either as terms or as {', '.join(clash)}, not both")
+            names = [t.name or t.loss for t in self.terms]
+            if len(set(names)) != len(names):
+                raise ValueError(f"term names repeat ({names}): give each term its own name")
+            if sum(t.loss in DIVERGENCES for t in self.terms) > 1:
+                raise ValueError("at most one same-vocabulary divergence term (forward_kl, jsd, ...)")
         return self
+
+    def token_objective(self) -> tuple[str, float, float]:
+        """``(divergence, kd_weight, ce_weight)`` of a same-vocabulary objective (from `terms` when given)."""
+        if self.terms is None:
+            return self.divergence, self.kd_weight, self.ce_weight
+        kd = [t for t in self.terms if t.loss in DIVERGENCES]
+        ce = sum(t.weight for t in self.terms if t.loss == "ce")
+        return (kd[0].loss, kd[0].weight, ce) if kd else (self.divergence, 0.0, ce)
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        """Whether the objective has cross-tokenizer terms (uld, gold)."""
+        return any(t.loss in CROSS_LOSSES for t in self.terms or ())
 
 
 class LMEvalConfig(Strict):
@@ -118,6 +193,15 @@ class LMRunConfig(Strict):
 
     @model_validator(mode="after")
     def _cache_or_on_policy(self) -> "LMRunConfig":
+        cross = self.distill.cross_tokenizer or self.student.tokenizer is not None
+        if cross and (self.compress or self.export is not None):
+            raise ValueError("compress / export stages are not wired for cross-tokenizer runs yet: run them on the "
+                             "saved student (RUN_DIR/student) with a same-tokenizer config")
+        if self.distill.cross_tokenizer and self.distill.on_policy is not None:
+            raise ValueError("distill.on_policy works with same-vocabulary divergences, not uld / gold terms; remove one")
+        if self.distill.cross_tokenizer and self.teacher.cache is not None and self.teacher.cache.kind != "topk":
+            raise ValueError("a cross-tokenizer run caches the teacher's top-k per aligned span: use teacher.cache.kind "
+                             "topk")
         if self.teacher.cache is not None and self.distill.on_policy is not None:
             raise ValueError("teacher.cache and distill.on_policy exclude each other: the student's samples need a "
                              "live teacher; remove one")

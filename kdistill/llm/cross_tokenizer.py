@@ -9,7 +9,7 @@ temperature, ``q_j = softmax(z[j - 1] / T)`` the model's distribution over token
   LLMs", arXiv:2402.12030): the closed-form Wasserstein distance under a uniform cost, i.e. both probability vectors
   sorted in descending order, the shorter one zero-padded to the longer vocabulary, and the L1 distance::
 
-      ULD(p_s, p_t) = sum_i | sort_desc(p_s)_i - sort_desc(p_t)_i |              (`sorted_l1`)
+      ULD(p_s, p_t) = sum_i | sort_desc(p_s)_i - sort_desc(p_t)_i |    (`sorted_l1`, kdistill.losses.cross_vocab)
 
   averaged over the paired positions. `uld_loss` pairs the i-th student answer position with the i-th teacher
   answer position and truncates to the shorter answer (the paper's pairing); `uld_objective` adds the student's
@@ -46,6 +46,7 @@ from torch import Tensor
 from kdistill.llm.cross_tokenizer_align import (SCHEMES, AlignedSpan, Alignment, AlignmentError, VocabMap,
                                                 align_offsets, align_texts, build_vocab_map, detect_scheme,
                                                 offsets_from_pieces, pieces_from_tokenizer, token_bytes)
+from kdistill.losses.cross_vocab import sorted_l1
 from kdistill.losses.lm import IGNORE_INDEX, divergence_term, row_divergence, shift_labels
 
 __all__ = ["SCHEMES", "AlignedSpan", "Alignment", "AlignmentError", "VocabMap", "align_offsets", "align_texts",
@@ -70,24 +71,6 @@ def _float(logits: Tensor) -> Tensor:
 def _zero(*tensors: Tensor) -> Tensor:
     """0 attached to the graph of every tensor given."""
     return sum((_float(t).reshape(-1)[:0].sum() for t in tensors), torch.zeros((), device=tensors[0].device))
-
-
-def sorted_l1(student_probs: Tensor, teacher_probs: Tensor) -> Tensor:
-    """``sum_i |sort_desc(p_s)_i - sort_desc(p_t)_i|`` per row of ``(N, V_s)`` and ``(N, V_t)`` probability (or
-    sub-probability) vectors, the shorter zero-padded to the longer vocabulary; returns ``(N,)``.
-
-    Entries are >= 0, so padding before or after the descending sort gives the same order: zeros go last.
-    """
-    if student_probs.ndim != 2 or teacher_probs.ndim != 2 or student_probs.shape[0] != teacher_probs.shape[0]:
-        raise AlignmentError(f"sorted_l1 needs (N, V_s) and (N, V_t) with the same N, got "
-                             f"{tuple(student_probs.shape)} and {tuple(teacher_probs.shape)}", where=_WHERE,
-                             fix="pair one student row with one teacher row")
-    s = student_probs.sort(dim=-1, descending=True).values
-    t = teacher_probs.sort(dim=-1, descending=True).values
-    width = max(s.shape[-1], t.shape[-1])
-    s = F.pad(s, (0, width - s.shape[-1]))
-    t = F.pad(t, (0, width - t.shape[-1]))
-    return (s - t).abs().sum(-1)
 
 
 def _batched(name: str, logits: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:

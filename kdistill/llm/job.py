@@ -136,6 +136,7 @@ def lm_distiller(cfg: LMRunConfig, student: nn.Module, teacher: Any, tokenizer: 
         on_policy = OnPolicy(lambda_=d.on_policy.lambda_, max_new_tokens=d.on_policy.max_new_tokens,
                              temperature=d.on_policy.temperature, top_p=d.on_policy.top_p,
                              prompt_tokens=d.on_policy.prompt_tokens, seed=cfg.seed)
-    return LMDistiller(student, teacher, kd_weight=d.kd_weight, ce_weight=d.ce_weight, divergence=d.divergence,
+    divergence, kd_weight, ce_weight = d.token_objective()
+    return LMDistiller(student, teacher, kd_weight=kd_weight, ce_weight=ce_weight, divergence=divergence,
                        temperature=d.temperature, beta=d.beta, alpha=d.alpha, chunk_size=d.chunk_size,
                        tokenizer=tokenizer, on_policy=on_policy)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from kdistill.losses.adversarial import DiscriminatorLoss
 from kdistill.losses.contrastive import CRDLoss, simcse
+from kdistill.losses.cross_vocab import gold_sorted_l1, uld
 from kdistill.losses.encoder import (
     attention_kl,
     attention_mse,
@@ -80,6 +81,12 @@ register(LossSpec("similarity_matrix", "embedding", similarity_matrix, summary="
 register(LossSpec("simcse", "contrastive", simcse, needs_teacher=False, on_taps=False, summary="SimCSE on two dropout views"))
 register(LossSpec("mlm", "label", ce, needs_teacher=False, on_taps=False,  # its labels come from the masking, not the batch's y
                   summary="masked-LM cross-entropy on the masked positions (kdistill.encoders.MaskedLM)"))
+
+# cross-tokenizer LM distillation: rows of two vocabularies paired by a text alignment (kdistill.llm.cross_distiller)
+register(LossSpec("uld", "response", uld, on_taps=False, cross_vocab=True,
+                  summary="ULD: L1 between sorted next-token distributions of two vocabularies (span-aligned)"))
+register(LossSpec("gold", "response", gold_sorted_l1, on_taps=False, cross_vocab=True,
+                  summary="GOLD-style: sorted L1 of merged span distributions (+ exact-match part on shared tokens)"))
 
 # LM token-level distillation uses the response losses above on (B, T, V) logits, chunk by chunk from hidden
 # states (kdistill.losses.lm); its divergence names (forward_kl, reverse_kl, ...) are response losses with params.

@@ -15,6 +15,9 @@ A `LossSpec` says how a term of that loss is called and checked:
   distiller pairs layers (``layer`` losses, and the ``feature`` losses that also serve layer pairs);
 * ``on_taps``: usable between a tapped student tensor and a tapped teacher tensor (the classification objective
   of `kdistill.distiller`); False for losses that need the encoder distiller (layer pairs, masking, two views).
+* ``cross_vocab``: it compares next-token distributions over two *different* vocabularies (cross-tokenizer LM
+  distillation, `kdistill.llm.cross_distiller`): the same-vocabulary check does not apply, and it needs a text view
+  of the data (both tokenizations of the same text, aligned); every other teacher loss needs one vocabulary.
 
 `call_term` is the one place a functional term is called with its calling convention.
 """
@@ -46,6 +49,7 @@ class LossSpec:
     min_layer: int = 0
     default_layers: Optional[Union[str, list]] = None
     on_taps: bool = True
+    cross_vocab: bool = False
     summary: str = ""
 
     def __post_init__(self) -> None:

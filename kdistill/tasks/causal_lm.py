@@ -62,6 +62,12 @@ def run(cfg: LMRunConfig, run_dir: Any = None, *, progress: bool = True, log: Ca
     """
     import torch
 
+    if cfg.student.tokenizer is not None or cfg.distill.cross_tokenizer:  # two tokenizers: text views, uld / gold
+        from kdistill.tasks.causal_lm_cross import run_cross
+
+        return run_cross(cfg, run_dir, progress=progress, log=log, teacher=teacher, tokenizer=tokenizer,
+                         articles=articles, **_options)
+
     from kdistill.llm.data import block_dataset
     from kdistill.llm.distiller import LMDistiller
     from kdistill.llm.job import (build_student, lm_cache, lm_distiller, load_lm_corpus, load_lm_teacher,
@@ -149,8 +155,8 @@ def run(cfg: LMRunConfig, run_dir: Any = None, *, progress: bool = True, log: Ca
         "steps": cfg.train.steps,
         "train_tokens": cfg.train.steps * tokens_per_step,
         "heldout_tokens": int(heldout.numel() - len(heldout)),
-        "objective": {"divergence": cfg.distill.divergence, "temperature": cfg.distill.temperature,
-                      "kd_weight": cfg.distill.kd_weight, "ce_weight": cfg.distill.ce_weight,
+        "objective": {**dict(zip(("divergence", "kd_weight", "ce_weight"), cfg.distill.token_objective())),
+                      "temperature": cfg.distill.temperature,
                       "teacher": "cache" if cache_info else "live",
                       "on_policy": cfg.distill.on_policy.model_dump(by_alias=True) if cfg.distill.on_policy else None},
         "cache": cache_info,
@@ -176,6 +182,10 @@ def run(cfg: LMRunConfig, run_dir: Any = None, *, progress: bool = True, log: Ca
 
 def table(summary: dict[str, Any]) -> str:
     """The run's held-out perplexities and sizes as a small text table."""
+    if "student_kd_bpc" in summary:  # a cross-tokenizer run
+        from kdistill.tasks.causal_lm_cross import table_cross
+
+        return table_cross(summary)
     rows = [("teacher", summary["params_teacher"], summary["teacher_ppl"]),
             ("student, initial (teacher layers)", summary["params_student"], summary["student_init_ppl"]),
             ("student, next-token CE", summary["params_student"], summary["student_ce_ppl"]),
@@ -202,6 +212,9 @@ def build_cache(cfg: LMRunConfig, run_dir: Any, *, rebuild: bool = False, progre
     if cfg.teacher.cache is None:
         raise ConfigError("the config has no teacher.cache", where="teacher.cache",
                           fix="add e.g. 'cache: {kind: topk, k: 64}' under teacher")
+    if cfg.student.tokenizer is not None or cfg.distill.cross_tokenizer:
+        raise ConfigError("a cross-tokenizer run builds its teacher cache (top-k per aligned span) at its start",
+                          where="teacher.cache", fix="run the config: kdistill run CONFIG --out RUN_DIR")
     teacher, tokenizer = load_lm_teacher(cfg)
     corpus = load_lm_corpus(cfg, tokenizer)
     return lm_cache(cfg, teacher, corpus["train"], Path(run_dir), rebuild=rebuild, progress=progress, log=log)
