@@ -187,8 +187,9 @@ def columns_to_arrays(columns: dict[str, np.ndarray], source, where: str, labell
                             fix="encode it as numbers, leave it out of features:, or name an array column with x:")
         bad = ~np.isfinite(values.astype(np.float64, copy=False))
         if bad.any():
-            raise DataError(f"feature column '{name}' of {origin} has NaN or Inf in {int(bad.sum())} rows (first: "
-                            f"row {int(bad.argmax())})", where=f"{where}.features",
+            count = int(bad.sum())
+            raise DataError(f"feature column '{name}' of {origin} has NaN or Inf in {count} row{'s' * (count > 1)} "
+                            f"(first: row {int(bad.argmax())})", where=f"{where}.features",
                             fix="drop or impute those rows before training")
     return np.stack([columns[n].astype(np.float64, copy=False) for n in names], axis=1), y
 
