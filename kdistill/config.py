@@ -19,7 +19,7 @@ from kdistill.compress.config import CompressStep, ExportConfig, check_steps
 from kdistill.configbase import Strict, read_yaml
 from kdistill.data.sources import BUILTIN_TAG, FILES_TAG, SourceConfig, UserDataBase, data_form
 from kdistill.datafree.config import BoundaryConfig, DataFreeConfig
-from kdistill.data.munge import MungeConfig
+from kdistill.data.munge import MungeConfig, MungeTransfer, transfer_form
 from kdistill.schemes.assistant import AssistantScheme
 from kdistill.schemes.cross_modal import CrossModalScheme
 from kdistill.schemes.lifelong import LifelongScheme
@@ -77,6 +77,10 @@ class UserDataConfig(UserDataBase):
     """The user's own data (``data: {train: ..., test: ..., validation: ..., transfer: ...}``; docs/data.md)."""
 
     augment: Optional[AugmentConfig] = Field(None, description="random augmentation of the training inputs")
+    transfer: Optional[Annotated[Union[Annotated[MungeTransfer, Tag("munge")], Annotated[SourceConfig, Tag("source")]],
+                                 Discriminator(transfer_form)]] = Field(
+        None, description="unlabeled inputs the teacher labels (labels in the source are ignored), or {munge: {...}}: "
+                          "MUNGE rows of the training split (docs/blackbox.md)")
 
 
 # ``data:`` is the built-in form or the files form, told apart by its keys (kdistill.data.sources.data_form)

@@ -80,3 +80,32 @@ def test_bad_inputs_are_one_line_errors():
         munge(x[:1], multiplier=1)
     with pytest.raises(ValueError, match="exactly one of size"):
         MungeConfig(size=3, multiplier=2)
+
+
+def test_config_transfer_munge_for_a_table_and_refused_for_images(tmp_path):
+    """``data.transfer: {munge: ...}``: the files form makes MUNGE rows of the training split it read; the built-in
+    form refuses image inputs with one line."""
+    import pandas as pd
+
+    from kdistill.config import parse_config
+    from kdistill.data import load_data
+
+    x, nominal = table(n=60)
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(x.shape[1])])
+    frame["label"] = (x[:, 0] > 0).astype(int)
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    munge_cfg = {"multiplier": 3, "p": 0.4, "seed": 5, "nominal": nominal}
+    cfg = parse_config({"data": {"train": str(tmp_path / "t.csv"), "test": {"fraction": 0.25},
+                                 "transfer": {"munge": munge_cfg}},
+                        "teacher": {"kind": "api", "call": "tests.test_api_teacher:linear_teacher"},
+                        "student": {"name": "mlp"}})
+    bundle = load_data(cfg.data)
+    train = bundle.train.tensors["x"].double().numpy()
+    want = munge(train, multiplier=3, p=0.4, seed=5, nominal=nominal)
+    assert np.allclose(bundle.transfer.tensors["x"].numpy(), want.astype(np.float32))
+    assert len(bundle.transfer) == 3 * len(bundle.train) and "y" not in bundle.transfer.tensors
+    digits = parse_config({"data": {"name": "digits", "transfer": {"munge": {"size": 10}}},
+                           "teacher": {"kind": "api", "call": "tests.test_api_teacher:linear_teacher"},
+                           "student": {"name": "mlp"}})
+    with pytest.raises(DataError, match=r"rows of a table.*\(data.transfer.munge\)"):
+        load_data(digits.data)

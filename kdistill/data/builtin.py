@@ -129,6 +129,11 @@ def load_data(cfg) -> DataBundle:
     if isinstance(cfg, UserDataBase):
         from kdistill.data.user import load_user_data
 
+        munge_cfg = getattr(cfg.transfer, "munge", None)
+        if munge_cfg is not None:  # data.transfer: {munge: ...}: rows made from the training split once read
+            from kdistill.data.munge import with_munge
+
+            return with_munge(load_user_data(cfg.model_copy(update={"transfer": None})), munge_cfg)
         return load_user_data(cfg)
     if cfg.name == "mnist1d":
         bundle = mnist1d(seed=42 + cfg.seed, transfer_size=cfg.transfer.size,

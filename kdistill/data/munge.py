@@ -22,7 +22,7 @@ reproducible from ``seed``.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -47,6 +47,23 @@ class MungeConfig(Strict):
         if (self.size is None) == (self.multiplier is None):
             raise ValueError("give exactly one of size (rows) or multiplier (passes), e.g. munge: {multiplier: 10}")
         return self
+
+
+class MungeTransfer(Strict):
+    """``data.transfer: {munge: {...}}`` in the files form of ``data:``: the transfer set is MUNGE rows of the
+    training split (made after it is read, standardised and cut to train_size)."""
+
+    munge: MungeConfig
+    fraction: ClassVar[None] = None  # read like a `SourceConfig` by the data section's checks
+
+    def origin(self) -> str:
+        return "MUNGE rows of the training split"
+
+
+def transfer_form(value: Any) -> str:
+    """The union tag of a files-form ``data.transfer`` value: ``munge`` or a source."""
+    munge_keyed = isinstance(value, dict) and "munge" in value
+    return "munge" if munge_keyed or isinstance(value, MungeTransfer) else "source"
 
 
 def neighbour_features(x: np.ndarray, nominal: Sequence[int] = ()) -> np.ndarray:
@@ -135,4 +152,5 @@ def with_munge(bundle, cfg: MungeConfig, where: str = "data.transfer.munge"):
     return bundle
 
 
-__all__ = ["MungeConfig", "munge", "munge_config_rows", "nearest_neighbours", "neighbour_features", "with_munge"]
+__all__ = ["MungeConfig", "MungeTransfer", "munge", "munge_config_rows", "nearest_neighbours", "neighbour_features",
+           "transfer_form", "with_munge"]
