@@ -1,5 +1,6 @@
 """A tiny finished classification run for the report tests (seconds on one thread): mnist1d, a 1-D CNN teacher,
-an MLP student and a baseline, a few steps each, evaluation during training, cost measured at one thread."""
+an MLP student and a baseline, a few steps each, evaluation during training, cost measured at one thread, and a
+teacher audit with a few trigger-search steps (the Audit section's plots)."""
 
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import yaml
 from kdistill.cli import main
 from tests.conftest import report_on, tiny_config
 
-SECTIONS = ("comparison", "curves", "pareto", "calibration", "per-class", "disagreements")
+SECTIONS = ("comparison", "curves", "pareto", "calibration", "per-class", "disagreements", "audit")
 
 
 def tiny_report_run(folder: Path) -> Path:
@@ -17,7 +18,8 @@ def tiny_report_run(folder: Path) -> Path:
                       teacher={"name": "cnn1d", "kwargs": {"channels": 8, "depth": 3},
                                "train": {"steps": 12, "batch_size": 64, "log_every": 3}},
                       train={"steps": 12, "batch_size": 64, "log_every": 3, "checkpoint_every": 0, "eval_every": 6},
-                      eval={"latency_repeats": 2, "throughput_batch": 8, "threads": 1})
+                      eval={"latency_repeats": 2, "throughput_batch": 8, "threads": 1},
+                      audit={"cleanse": {"steps": 5, "batch": 8}, "strip": {"rows": 16, "overlays": 4}})
     path = folder / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     run_dir = folder / "run"

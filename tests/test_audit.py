@@ -227,6 +227,10 @@ def test_the_report_shows_the_audit_and_says_when_none_ran(passed, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert f'data-src="audit/accuracy" data-value="{json.dumps(summary["audit"]["accuracy"])}"' in page
     assert 'data-src="audit/inheritance/trigger/success/student"' in page
+    section = page[page.index('<section id="audit"'):]
+    section = section[:section.index("</section>")]
+    for plot in ("audit-confidence", "audit-reliability", "audit-strip", "audit-triggers"):
+        assert f'data-plot="{plot}"' in section, plot
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
     (copy / "audit.json").unlink()

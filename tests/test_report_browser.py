@@ -17,7 +17,9 @@ if not CHROMIUM.is_file():
     pytest.skip(f"{CHROMIUM} is missing (Debian: apt-get install chromium)", allow_module_level=True)
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-PLOTS = 8  # 3 stages' curves, quality against bytes and latency, reliability, per class, disagreements
+# 3 stages' curves, quality against bytes and latency, reliability, per class, disagreements; the audit's confidence
+# histogram, teacher reliability, STRIP entropies and trigger sizes
+PLOTS = 12
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,7 @@ def test_the_report_loads_offline_and_every_plot_renders(browser, report, tmp_pa
         box = plots.nth(i).bounding_box()
         assert box is not None and box["width"] > 100 and box["height"] > 100, (plots.nth(i).get_attribute(
             "data-plot"), box)
-    assert page.locator("section[data-has-data=true]").count() == 6
+    assert page.locator("section[data-has-data=true]").count() == 7
     shot = tmp_path / "report.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000

@@ -4,8 +4,12 @@ A run without an ``audit:`` section says so plainly."""
 
 from __future__ import annotations
 
+import json
+
+from kdistill.report import audit_plots, plots
 from kdistill.report.markup import Cell, Section, esc, nodata, num, table
 from kdistill.report.runfiles import RunFiles
+from kdistill.report.sections import figure
 
 __all__ = ["audit"]
 
@@ -57,4 +61,26 @@ def audit(run: RunFiles) -> Section:
                       caption=f"inheritance: the {what} reconstructed trigger applied to {trig.get('rows')} held-out "
                               f"rows of other classes; the {noise.get('rows')} label-noise suspect training rows "
                               "(a student copying its teacher's confident disagreement gives the teacher's class)")
-    return Section("audit", "Audit", body)
+    return Section("audit", "Audit", body + _figures(run, entry))
+
+
+def _figures(run: RunFiles, entry: dict) -> str:
+    """Plots of the full record in the run's ``audit.json`` (nothing when it is missing or unreadable)."""
+    try:
+        record = json.loads((run.path / str(entry.get("file") or "audit.json")).read_text())
+        test, strip, nc = record["test"], record["strip"], record["neural_cleanse"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    classes = [str(c) for c in range(len(nc["norms"]))]
+    bins = dict(test["reliability"], ece=test["ece"])
+    out = figure(audit_plots.confidence_histogram, test["confidence_histogram"]["edges"],
+                 test["confidence_histogram"]["counts"],
+                 caption="teacher: held-out rows per confidence bin (audit.json test.confidence_histogram)")
+    out += figure(plots.reliability, {record.get("model", "teacher"): bins}, name="audit-reliability",
+                  caption="teacher reliability on the held-out rows (audit.json test.reliability)")
+    out += figure(audit_plots.strip_entropy, strip["clean_entropy"]["histogram"],
+                  strip["examined_entropy"]["histogram"], strip["threshold_bits"],
+                  caption=f"STRIP: {100 * strip['fraction_below']:.2f} % of the examined training rows fall below the clean threshold (expected {100 * strip['expected_fraction']:.2f} %)")
+    out += figure(audit_plots.trigger_norms, nc["norms"], nc["median"], nc["flagged"], nc["suspected_class"], classes,
+                  caption="reconstructed trigger size per target class (audit.json neural_cleanse.norms)")
+    return out

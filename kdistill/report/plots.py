@@ -126,7 +126,7 @@ def pareto_front(points: Sequence[tuple[float, float]], *, lower_is_better: bool
     return front
 
 
-def reliability(models: Mapping[str, dict]) -> str:
+def reliability(models: Mapping[str, dict], name: str = "reliability") -> str:
     """Reliability diagram: per confidence bin, accuracy against mean confidence for each model (``{name:
     {"confidence", "accuracy", "count", "ece"}}``, bins with no example left out); the diagonal is calibration."""
     fig = _figure(5.2, 4.4)
@@ -142,7 +142,7 @@ def reliability(models: Mapping[str, dict]) -> str:
     ax.set_ylabel("accuracy in bin")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
-    return _svg(fig, "reliability", "reliability diagram")
+    return _svg(fig, name, "reliability diagram")
 
 
 def per_class(accuracies: Mapping[str, Sequence[float]], classes: Sequence[str]) -> str:
