@@ -80,7 +80,8 @@ def _figures(run: RunFiles, entry: dict) -> str:
                   caption="teacher reliability on the held-out rows (audit.json test.reliability)")
     out += figure(audit_plots.strip_entropy, strip["clean_entropy"]["histogram"],
                   strip["examined_entropy"]["histogram"], strip["threshold_bits"],
-                  caption=f"STRIP: {100 * strip['fraction_below']:.2f} % of the examined training rows fall below the clean threshold (expected {100 * strip['expected_fraction']:.2f} %)")
+                  caption=f"STRIP: {100 * strip['fraction_below']:.2f} % of the examined training rows fall below "
+                          f"the clean threshold (expected {100 * strip['expected_fraction']:.2f} %)")
     out += figure(audit_plots.trigger_norms, nc["norms"], nc["median"], nc["flagged"], nc["suspected_class"], classes,
                   caption="reconstructed trigger size per target class (audit.json neural_cleanse.norms)")
     return out
