@@ -35,6 +35,28 @@ def check_threads(value):
     raise ValueError(f"got {value!r}; allowed: 'auto' or a number of threads >= 1")
 
 
+class DistributedConfig(Strict):
+    """How a multi-process launch (`accelerate launch`, `torchrun`) splits the work (docs/distributed.md).
+
+    ``ddp`` (the default without this section): every process holds the whole student and teacher, gradients are
+    averaged. ``fsdp2``: the student's parameters, gradients and optimizer state are sharded across the processes
+    (PyTorch FSDP2 through Accelerate, one unit per layer), and the frozen teacher too with `shard_teacher`."""
+
+    kind: Literal["ddp", "fsdp2"] = "ddp"
+    shard_teacher: bool = Field(True, description="fsdp2: shard the frozen teacher like the student; false keeps a "
+                                "whole copy on each process's device (a cached teacher has nothing to shard)")
+    mixed_precision: Literal["no", "bf16"] = Field("no", description="fsdp2: bf16 compute, float32 weights, "
+                                                   "optimizer state and gradient reduction")
+    activation_checkpointing: bool = Field(False, description="fsdp2: recompute each layer's activations in "
+                                           "the backward pass (less memory, about one more forward of compute)")
+    reshard_after_forward: bool = Field(True, description="fsdp2: free each layer's gathered weights after its "
+                                        "forward (gathered again for the backward); false keeps them (more memory, "
+                                        "less communication)")
+    layer_classes: Optional[list[str]] = Field(None, description="fsdp2: class names of the modules sharded as "
+                                               "one unit each (default: the model's _no_split_modules, e.g. "
+                                               "LlamaDecoderLayer)")
+
+
 class TrainConfig(Strict):
     steps: int = Field(1000, ge=1, description="optimizer steps")
     batch_size: int = Field(128, ge=1, description="samples per optimizer step and per process")
@@ -64,6 +86,8 @@ class TrainConfig(Strict):
                                                  "the steps slow down (see kdistill.engine.threads), or a number")
     log_with: list[str] = Field(default_factory=list, description="experiment trackers (Accelerate's) that get the "
                                 "scalars of metrics.jsonl, in RUN_DIR/tracking/<stage>: tensorboard, wandb, mlflow")
+    distributed: Optional[DistributedConfig] = Field(None, description="multi-process strategy: ddp (default) or "
+                                                     "fsdp2 (sharded student and teacher)")
 
     @field_validator("threads", mode="before")
     @classmethod
@@ -79,6 +103,14 @@ class TrainConfig(Strict):
     def _accum_divides(self) -> "TrainConfig":
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        if self.distributed is not None and self.distributed.kind == "fsdp2":
+            clash = [f"{name}: {value}" for name, value in (("mixed_precision", self.mixed_precision),
+                                                            ("compile", self.compile),
+                                                            ("channels_last", self.channels_last))
+                     if value not in ("no", False)]
+            if clash:
+                raise ValueError(f"distributed.kind fsdp2 cannot be combined with {', '.join(clash)}: use "
+                                 "train.distributed.mixed_precision for bf16, and leave compile and channels_last off")
         return self
 
 

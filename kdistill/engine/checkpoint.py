@@ -1,7 +1,9 @@
 """Checkpoints: atomic, checksummed, safe to load.
 
 Layout of one checkpoint ``<dir>/step-00001234/``:
-- ``model.safetensors``  trainable weights (student, adapters, stateful losses);
+- ``model.safetensors``  trainable weights (student, adapters, stateful losses); or, for a sharded (FSDP2) run,
+                         ``sharded/``: every process's shards of the weights and optimizer state
+                         (`torch.distributed.checkpoint`, see `kdistill.engine.fsdp`);
 - ``state.pt``           optimizer, scheduler, grad-scaler, data position: tensors and plain containers only,
                          so it loads with ``torch.load(weights_only=True)``;
 - ``rng-rank{r}.pt``     each process's RNG states (torch, CUDA, numpy, python) as tensors and lists;
@@ -21,7 +23,7 @@ import random
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -34,6 +36,7 @@ __all__ = ["CheckpointWriter", "atomic_write_bytes", "list_checkpoints", "load_l
            "rng_state", "save_weights", "set_rng_state", "step_of", "verify"]  # the `files` writers re-exported
 
 PREFIX = "step-"
+SHARDED = "sharded"  # the folder of a sharded checkpoint's weights and optimizer state
 
 
 def rng_state() -> dict[str, Any]:
@@ -115,7 +118,9 @@ class CheckpointWriter:
         self.rank = rank
         self.barrier = barrier
 
-    def write(self, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
+    def write(self, step: int, weights: Optional[dict[str, torch.Tensor]], state: dict[str, Any],
+              sharded: Optional[Callable[[Path], None]] = None) -> Path:
+        """`sharded` (every rank calls it with the checkpoint's ``sharded/`` folder) replaces `weights`."""
         final = self.folder / f"{PREFIX}{step:08d}"
         tmp = self.folder / f"{PREFIX}{step:08d}.tmp"
         try:
@@ -127,11 +132,14 @@ class CheckpointWriter:
                 tmp.mkdir()
             self.barrier()
             _torch_save_bytes(rng_state(), tmp / f"rng-rank{self.rank}.pt")
+            if sharded is not None:
+                sharded(tmp / SHARDED)
             self.barrier()
             if self.rank == 0:
-                save_weights(tmp / "model.safetensors", weights)
+                if weights is not None:
+                    save_weights(tmp / "model.safetensors", weights)
                 _torch_save_bytes(state, tmp / "state.pt")
-                files = sorted(p.name for p in tmp.iterdir())
+                files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
                 meta = {"format": 1, "step": step, "world_size": state.get("world_size", 1),
                         "files": {name: sha256(tmp / name) for name in files}}
                 with open(tmp / "meta.json", "w") as fh:
@@ -139,6 +147,8 @@ class CheckpointWriter:
                     fh.flush()
                     os.fsync(fh.fileno())
                 fsync_dir(tmp)
+                if (tmp / SHARDED).is_dir():
+                    fsync_dir(tmp / SHARDED)
                 if final.exists():
                     shutil.rmtree(final)
                 os.replace(tmp, final)
@@ -173,9 +183,10 @@ def verify(ckpt: Path) -> Optional[str]:
         return "meta.json malformed"
     if meta["step"] != step_of(ckpt):
         return f"meta.json says step {meta['step']}, the folder name says {step_of(ckpt)}"
-    for required in ("model.safetensors", "state.pt"):
-        if required not in files:
-            return f"meta.json lists no {required}"
+    if "state.pt" not in files:
+        return "meta.json lists no state.pt"
+    if "model.safetensors" not in files and f"{SHARDED}/.metadata" not in files:
+        return "meta.json lists no model.safetensors"
     for name, digest in files.items():
         path = Path(ckpt) / str(name)
         if not path.is_file():
@@ -188,8 +199,11 @@ def verify(ckpt: Path) -> Optional[str]:
     return None
 
 
-def load_latest(folder: Path, rank: int = 0, log=None) -> Optional[dict[str, Any]]:
-    """The newest checkpoint whose checksums verify: {"step", "weights", "state", "rng", "path"} or None.
+def load_latest(folder: Path, rank: int = 0, log=None, sharded: bool = False) -> Optional[dict[str, Any]]:
+    """The newest checkpoint whose checksums verify: {"step", "weights", "state", "rng", "path", "sharded"} or None.
+
+    A sharded checkpoint (FSDP2: ``weights`` None, ``sharded`` its folder of shards) is returned only with
+    `sharded`; otherwise it is passed over without a warning (its weights need the processes that share them).
 
     An unusable checkpoint (truncated, corrupted, half-deleted) is skipped with a warning (through `log` when
     given, else `warnings.warn`) and the previous one is tried; nothing in it is unpickled before its checksums
@@ -201,12 +215,12 @@ def load_latest(folder: Path, rank: int = 0, log=None) -> Optional[dict[str, Any
         else:
             warnings.warn(msg, stacklevel=3)
 
-    candidates = list(reversed(list_checkpoints(folder)))
+    candidates = [c for c in reversed(list_checkpoints(folder)) if (c / SHARDED).is_dir() == sharded]
     for ckpt in candidates:
         problem = verify(ckpt)
         if problem is None:
             try:
-                weights = load_file(str(ckpt / "model.safetensors"))
+                weights = None if sharded else load_file(str(ckpt / "model.safetensors"))
                 state = torch.load(ckpt / "state.pt", weights_only=True, map_location="cpu")
                 rng_path = ckpt / f"rng-rank{rank}.pt"
                 rng = torch.load(rng_path, weights_only=True) if rng_path.is_file() else None
@@ -215,7 +229,8 @@ def load_latest(folder: Path, rank: int = 0, log=None) -> Optional[dict[str, Any
             except Exception as err:  # a failure here is damage the checksum did not catch
                 problem = f"unreadable ({type(err).__name__})"
             else:
-                return {"step": step_of(ckpt), "weights": weights, "state": state, "rng": rng, "path": ckpt}
+                return {"step": step_of(ckpt), "weights": weights, "state": state, "rng": rng, "path": ckpt,
+                        "sharded": ckpt / SHARDED if sharded else None}
         warn(f"checkpoint {ckpt} is not usable ({problem}); falling back to the previous one")
     if candidates:
         warn(f"no usable checkpoint in {folder}; this stage starts again from step 0")

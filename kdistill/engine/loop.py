@@ -33,6 +33,7 @@ from torch import nn
 
 from kdistill.engine.batches import step_batches
 from kdistill.engine.checkpoint import CheckpointWriter, load_latest, set_rng_state
+from kdistill.engine.fsdp import FSDPRun, fsdp_settings
 from kdistill.engine.metrics import MetricsLog, StepWindow
 from kdistill.engine.runtime import (build_optimizer, deterministic_mode, get_accelerator, lr_lambda,
                                      stop_on_signals)
@@ -104,8 +105,10 @@ class Engine:
         self.progress = progress
         self.log = log
         trackers = cfg.log_with if self.run_dir is not None else []
+        dist = fsdp_settings(cfg)  # None unless train.distributed.kind is fsdp2 (then a launch is checked)
         self.accelerator = get_accelerator(cfg.mixed_precision, trackers,
-                                           tracking_dir(self.run_dir) if trackers else None)
+                                           tracking_dir(self.run_dir) if trackers else None, fsdp=dist)
+        self.fsdp = FSDPRun(dist, self.accelerator) if dist is not None else None  # sharded copies, fsdp.py
         self.tracking: Optional[Tracking] = None
 
     def fit(self, distiller, data, *, eval_fn: Optional[Callable[[nn.Module], dict]] = None,
@@ -180,9 +183,9 @@ class Engine:
                               lengths=sample_lengths(data) if cfg.group_by_length else None)
 
         check_models_materialized(objective)  # a 'meta' model cannot even be moved: say so in one line
-        side = objective.side.to(device)
+        side = objective.side.to(device) if self.fsdp is None else objective.side  # FSDP2: sharded copies
         teacher = objective.teacher
-        if teacher is not None and hasattr(teacher, "to"):
+        if teacher is not None and hasattr(teacher, "to") and self.fsdp is None:
             teacher.to(device)
         if cfg.channels_last:
             side.to(memory_format=torch.channels_last)
@@ -193,13 +196,16 @@ class Engine:
         run = _Run(objective, data, sampler, metrics, writer, eval_fn, collate_fn,
                    prefetch=getattr(teacher, "prefetch", None))
         # dry run on the first batch: taps, adapters, shapes, dtypes (every rank builds the same modules)
-        dry_run(objective, next(self._batches(run, 0))[1][0])
+        first = next(self._batches(run, 0))[1][0]
+        dry_run(objective, first if self.fsdp is None else self.fsdp.plain_batch(first, side))
         if cfg.compile:
             side.student.compile()
 
-        optimizer = build_optimizer(cfg, side.parameters())
-        run.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-        run.model, run.optimizer = acc.prepare(side, optimizer)
+        if self.fsdp is not None:
+            run.model, run.optimizer = self.fsdp.prepare(objective, lambda params: build_optimizer(cfg, params))
+        else:
+            run.model, run.optimizer = acc.prepare(side, build_optimizer(cfg, side.parameters()))
+        run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.inner_optimizer, lr_lambda(cfg))
         objective.module = run.model
         run.params = [p for p in run.model.parameters() if p.requires_grad]
         return run
@@ -210,15 +216,18 @@ class Engine:
         cfg, acc = self.cfg, self.accelerator
         world = acc.num_processes
         window = {}
-        ck = load_latest(run.writer.folder, rank=acc.process_index, log=self.log) if run.writer else None
-        if ck is not None:
-            side = run.objective.side
-            missing, unexpected = side.load_state_dict(ck["weights"], strict=False)
+        ck = load_latest(run.writer.folder, rank=acc.process_index, log=self.log,
+                         sharded=self.fsdp is not None) if run.writer else None
+        if ck is not None and self.fsdp is not None:
+            self.fsdp.load(ck["sharded"], run.model, run.inner_optimizer)
+        elif ck is not None:
+            missing, unexpected = run.objective.side.load_state_dict(ck["weights"], strict=False)
             if unexpected or missing:
                 raise KDError(f"checkpoint {ck['path']} does not match the model "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})",
                               fix="use a new run directory for a different model")
             run.optimizer.load_state_dict(ck["state"]["optimizer"])
+        if ck is not None:
             run.scheduler.load_state_dict(ck["state"]["scheduler"])
             if acc.scaler is not None and ck["state"].get("scaler"):
                 acc.scaler.load_state_dict(ck["state"]["scaler"])
@@ -329,7 +338,8 @@ class Engine:
             raise err
 
     def _check(self, run: _Run) -> None:
-        run.window.check(self.accelerator, self.accelerator.num_processes, run.params)
+        params = run.params if self.fsdp is None else self.fsdp.local(run.params)
+        run.window.check(self.accelerator, self.accelerator.num_processes, params)
 
     def _checkpoint(self, run: _Run, step: int) -> None:
         """A checkpoint at `step` (once per step), after checking that no weight was updated from a non-finite
@@ -339,20 +349,25 @@ class Engine:
         if run.writer is None or step in run.written:
             return
         run.written.append(step)
-        state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+        state = {"optimizer": run.optimizer.state_dict() if self.fsdp is None else {}, "scheduler": run.scheduler.state_dict(),
                  "scaler": acc.scaler.state_dict() if acc.scaler is not None else {},
                  "step": step, "position": run.sampler.position(step), "world_size": acc.num_processes,
                  # the partial sums of the current log window: a resumed run logs the same means
                  "metrics_window": run.window.state(), "threads": run.threads.state() if run.threads else {}}
-        run.writer.write(step, acc.unwrap_model(run.model).state_dict(), state)
+        if self.fsdp is None:
+            run.writer.write(step, acc.unwrap_model(run.model).state_dict(), state)
+        else:  # each process writes its shards of the weights and optimizer state
+            run.writer.write(step, None, state, lambda d: self.fsdp.save(d, run.model, run.inner_optimizer))
 
     def _evaluate(self, run: _Run, step: int) -> None:
         """`eval_fn(student)` in eval mode without gradients, on the main process; logged and kept."""
         acc = self.accelerator
         if run.eval_fn is None:
             return
+        if self.fsdp is not None:  # every process gathers the weights into the plain side
+            self.fsdp.sync(run.objective, run.model)
         if acc.is_main_process:
-            student = acc.unwrap_model(run.model).student
+            student = (acc.unwrap_model(run.model) if self.fsdp is None else run.objective.side).student
             was = student.training
             student.eval()
             with torch.no_grad():
@@ -370,6 +385,7 @@ class Engine:
         if run.start < final_step or run.resumed_from is None:
             self._checkpoint(run, final_step)
         self._evaluate(run, final_step)
-        run.objective.module = self.accelerator.unwrap_model(run.model)
+        run.objective.module = self.accelerator.unwrap_model(run.model) if self.fsdp is None else \
+            self.fsdp.finish(run.objective, run.model)
         return {"steps": final_step, "resumed_from": run.resumed_from, "terms": run.last_terms, "evals": run.evals,
                 "seconds": time.perf_counter() - t0, "threads": run.threads.result()}

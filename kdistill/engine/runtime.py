@@ -8,34 +8,43 @@ import os
 import signal
 import threading
 from contextlib import contextmanager
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
-from kdistill.train_config import TrainConfig
+from kdistill.train_config import DistributedConfig, TrainConfig
 
 _ACCELERATOR = None
 
 
-def get_accelerator(mixed_precision: str = "no", log_with: Sequence[str] = (), project_dir=None):
+def get_accelerator(mixed_precision: str = "no", log_with: Sequence[str] = (), project_dir=None,
+                    fsdp: Optional[DistributedConfig] = None):
     """One Accelerator per process (Accelerate keeps process-wide state); recreated if precision changes, or when
-    experiment trackers (`log_with`, writing under `project_dir`) are asked for and differ from the current ones."""
+    experiment trackers (`log_with`, writing under `project_dir`) are asked for and differ from the current ones,
+    or when the FSDP2 settings `fsdp` (`kdistill.engine.fsdp`) differ."""
     global _ACCELERATOR
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
     key = (list(log_with), str(project_dir) if log_with else None)
     current = _ACCELERATOR
+    sharding = fsdp.model_dump_json() if fsdp is not None else None
     if current is not None and current.mixed_precision == mixed_precision and \
-            (not log_with or getattr(current, "_kdistill_trackers", ([], None)) == key):
+            getattr(current, "_kdistill_fsdp", None) == sharding and (not log_with or getattr(current, "_kdistill_trackers", ([], None)) == key):
         return current
     if current is not None:
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
     # without a GPU, cpu=True lets `torchrun`/`accelerate launch` runs use DDP over gloo on the CPU
     options = {"log_with": list(log_with), "project_dir": str(project_dir)} if log_with else {}
-    _ACCELERATOR = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), **options)
+    if fsdp is not None:
+        from kdistill.engine.fsdp import make_fsdp_accelerator
+
+        _ACCELERATOR = make_fsdp_accelerator(fsdp, **options)
+    else:
+        _ACCELERATOR = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), **options)
     _ACCELERATOR._kdistill_trackers = key
+    _ACCELERATOR._kdistill_fsdp = sharding
     return _ACCELERATOR
 
 
