@@ -71,7 +71,7 @@ def cli(argv, capsys):
     return code, out.out, out.err
 
 
-def test_arrays_tables_and_datasets_folder_in_one_run(files, capsys):
+def test_arrays_tables_and_datasets_folder_in_one_run(files, capsys, monkeypatch, tmp_path):
     root = files["root"]
     data = {"train": {"path": "train.npz", "x": "inputs", "y": "labels"},
             "validation": {"path": "val.parquet", "label": "target"},
@@ -83,7 +83,11 @@ def test_arrays_tables_and_datasets_folder_in_one_run(files, capsys):
     summary = json.loads((root / "run_files" / "summary.json").read_text())
     assert summary["dataset"] == "train" and summary["student"]["accuracy"] > 0.5
     # the resolved config.yaml reads back as the same config (old and new forms both reload)
-    assert parse_config(yaml.safe_load((root / "run_files" / "config.yaml").read_text())).data.train.x == "inputs"
+    resolved = yaml.safe_load((root / "run_files" / "config.yaml").read_text())["data"]
+    assert resolved["train"]["x"] == "inputs" and resolved["test"]["path"] == str(root / "test.csv")
+    monkeypatch.chdir(tmp_path)  # the run directory's config names its files absolutely: it resumes from anywhere
+    code, out, err = cli(["run", root / "run_files" / "config.yaml", "--out", root / "run_files"], capsys)
+    assert code == 0 and "done earlier" in out, err
     metrics = [json.loads(line) for line in (root / "run_files" / "metrics.jsonl").read_text().splitlines()]
     # evaluated during training on the 50 validation rows (k / 50), not on the 149 test rows
     during = [m["eval"]["accuracy"] for m in metrics if "eval" in m]

@@ -15,6 +15,7 @@ inputs come from a synthesizer). The union tags start with ``form:``, which the 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
@@ -68,6 +69,24 @@ class SourceConfig(Strict):
             if extra:
                 raise ValueError(f"{', '.join(extra)} only go with path: (which arrays / columns of the file); "
                                  f"remove {', '.join(extra)}")
+        return self
+
+    @model_validator(mode="after")
+    def _anchored(self) -> "SourceConfig":
+        """A relative `path` (and a .npy `y`) found from the working directory or the config's folder is stored
+        absolute, so the run directory's config.yaml reads the same files from anywhere (a path not found is
+        left as given: reading it reports the error)."""
+        from kdistill.data.tables import find_path
+        from kdistill.models import CONFIG_FOLDERS
+
+        folders = list(reversed(CONFIG_FOLDERS))  # the config read last first
+        for name in ("path", "y") if self.path is not None else ():
+            value = getattr(self, name)
+            if value is None or Path(value).is_absolute() or (name == "y" and not value.endswith(".npy")):
+                continue
+            found = find_path(value, folders)
+            if found is not None:
+                object.__setattr__(self, name, str(found))
         return self
 
     def origin(self) -> str:

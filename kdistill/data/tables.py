@@ -25,14 +25,24 @@ def _names(names) -> str:
     return ", ".join(names[:20]) + (f" (+{len(names) - 20} more)" if len(names) > 20 else "") if names else "none"
 
 
+def _candidates(path: str, folders) -> list[Path]:
+    given = Path(path).expanduser()
+    return [given] if given.is_absolute() else [Path.cwd() / given, *(Path(f) / given for f in folders)]
+
+
+def find_path(path: str, folders=()) -> Optional[Path]:
+    """The absolute path of `path`: as given, else from the working directory, else from the first of `folders`
+    that holds it (None when none does)."""
+    return next((c.resolve() for c in _candidates(path, folders) if c.exists()), None)
+
+
 def resolve_path(path: str, where: str, folders=()) -> Path:
     """`path` as given when absolute or found from the working directory, else next to a config file read in this
     process (`kdistill.models.CONFIG_FOLDERS`); a missing file is a `DataError`."""
-    given = Path(path).expanduser()
-    candidates = [given] if given.is_absolute() else [Path.cwd() / given, *(Path(f) / given for f in folders)]
-    for candidate in candidates:
-        if candidate.exists():
-            return candidate
+    found = find_path(path, folders)
+    if found is not None:
+        return found
+    candidates = _candidates(path, folders)
     looked = ", ".join(str(c.parent) for c in candidates)
     raise DataError(f"file not found: {path} (looked in {looked})", where=where,
                     fix="give an existing file (relative paths: from the working directory or the config's folder)")
@@ -250,5 +260,5 @@ def read_dataset(source, where: str, labelled: bool, folders=()) -> Arrays:
     return x, y
 
 
-__all__ = ["SUFFIXES", "columns_to_arrays", "detect_format", "read_dataset", "read_hf_columns", "read_npy",
+__all__ = ["SUFFIXES", "columns_to_arrays", "detect_format", "find_path", "read_dataset", "read_hf_columns", "read_npy",
            "read_npz", "read_table", "resolve_path"]

@@ -32,7 +32,7 @@ LABELLED = {"train": True, "validation": True, "test": True, "transfer": False}
 def _config_folders() -> list[Path]:
     from kdistill.models import CONFIG_FOLDERS
 
-    return list(CONFIG_FOLDERS)
+    return list(reversed(CONFIG_FOLDERS))  # the config read last first
 
 
 def _check_fields(source: SourceConfig, fmt: str, where: str) -> None:
