@@ -201,6 +201,33 @@ def test_sklearn_ensemble_teacher_through_the_callable_path(tmp_path):
     assert (probs.argmax(1) == y).mean() > 0.95 and teacher.requests == 4
 
 
+def test_sklearn_teacher_fitted_on_a_configs_training_split(tmp_path, capsys):
+    """`python -m kdistill.teachers.sklearn_teacher CONFIG --out FILE` fits on the rows the run reads (here
+    standardised), so the saved teacher answers the run's inputs; a bad config is one line, exit 2."""
+    import pandas as pd
+
+    from kdistill.config import load_config
+    from kdistill.data import load_data
+    from kdistill.teachers.sklearn_teacher import main as fit_main
+    from kdistill.teachers.sklearn_teacher import sklearn_teacher
+
+    x = ROWS[:150, :4] * 50 + 100  # far from standardised
+    frame = pd.DataFrame(x, columns=list("abcd"))
+    frame["label"] = (ROWS[:150, 0] > 0).astype(int)
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    cfg = {"data": {"train": str(tmp_path / "t.csv"), "test": {"fraction": 0.2}, "standardize": True},
+           "teacher": {"kind": "api", "call": "kdistill.teachers.sklearn_teacher:sklearn_teacher",
+                       "kwargs": {"path": str(tmp_path / "t.joblib")}}, "student": {"name": "mlp"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert fit_main([str(tmp_path / "c.yaml"), "--out", str(tmp_path / "t.joblib"), "--model", "random_forest"]) == 0
+    bundle = load_data(load_config(tmp_path / "c.yaml").data)
+    predict = sklearn_teacher(str(tmp_path / "t.joblib"))
+    assert (predict(bundle.test.tensors["x"].numpy()).argmax(1) == bundle.test.tensors["y"].numpy()).mean() > 0.9
+    (tmp_path / "bad.yaml").write_text("teacher: {kind: api}\nstudent: {name: mlp}\n")
+    assert fit_main([str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "x.joblib")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
 # -- the CLI: a whole run from a config, and its one-line errors -------------------------------------------------
 
 def api_config(tmp_path, url, **teacher):

@@ -8,6 +8,8 @@
       call: kdistill.teachers.sklearn_teacher:sklearn_teacher
       kwargs: {path: runs/bc/teacher.joblib}
 
+`fit_for_config` (``python -m kdistill.teachers.sklearn_teacher CONFIG --out teacher.joblib``) fits it on the
+training split of a run's config exactly as the run reads it, so the teacher sees the inputs the run will send.
 The returned function carries an ``identity`` (the SHA-256 of the file), so the answer cache of another model
 saved at the same path is not reused. joblib files are pickles: load only files you made or trust.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -88,4 +90,47 @@ def sklearn_teacher(path: str) -> Callable[[np.ndarray], np.ndarray]:
     return proba_function(estimator, identity=f"sklearn:{digest}")
 
 
-__all__ = ["MODELS", "fit_sklearn_teacher", "make_ensemble", "proba_function", "sklearn_teacher"]
+def fit_for_config(config: os.PathLike, out: os.PathLike, *, model: str = "gradient_boosting", seed: int = 0,
+                   **params: Any) -> Path:
+    """Fit an ensemble on the training split of a run's config, exactly as the run reads it (files, fractions,
+    ``standardize``, ``train_size``), and save it to `out`: the teacher then sees the inputs the run sends."""
+    from kdistill.config import load_config
+    from kdistill.data import load_data
+
+    cfg = load_config(config)
+    data = cfg.data
+    if getattr(data, "transfer", None) is not None and getattr(data.transfer, "munge", None) is not None:
+        data = data.model_copy(update={"transfer": None})  # the teacher learns from the labelled rows only
+    train = load_data(data).train
+    return fit_sklearn_teacher(train.tensors["x"].numpy(), train.tensors["y"].numpy(), out, model=model, seed=seed,
+                               **params)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m kdistill.teachers.sklearn_teacher CONFIG --out teacher.joblib [--model random_forest]``."""
+    import argparse
+    import sys
+
+    from kdistill.errors import KDError
+
+    parser = argparse.ArgumentParser(description="fit a scikit-learn ensemble teacher on a config's training split")
+    parser.add_argument("config")
+    parser.add_argument("--out", required=True, help="the joblib file to write (teacher.kwargs.path)")
+    parser.add_argument("--model", choices=MODELS, default="gradient_boosting")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        path = fit_for_config(args.config, args.out, model=args.model, seed=args.seed)
+    except KDError as err:
+        print(f"kdistill: error: {err}", file=sys.stderr)
+        return 2
+    print(f"teacher written to {path}")
+    return 0
+
+
+__all__ = ["MODELS", "fit_for_config", "fit_sklearn_teacher", "make_ensemble", "main", "proba_function",
+           "sklearn_teacher"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
