@@ -93,3 +93,16 @@ def test_readme_block_runs(index, tmp_path, monkeypatch, capsys):
             assert code == 0, f"README: {line}\n{captured.err}"
         else:
             pytest.fail(f"README.md: a shell line tests/test_readme.py does not know how to run: {line}")
+
+
+def test_readme_and_docs_links_to_files_exist():
+    """Every relative link of README.md and docs/*.md (screenshots included) points at a file of the repository."""
+    root = ROOT
+    missing = []
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" in target or target.startswith("mailto:") or not re.search(r"[./]", target):
+                continue  # a URL, or not a path (e.g. "softmax[...](x)" in a formula)
+            if not (page.parent / target).exists():
+                missing.append(f"{page.relative_to(root)} -> {target}")
+    assert missing == []
