@@ -109,3 +109,22 @@ def test_config_transfer_munge_for_a_table_and_refused_for_images(tmp_path):
                            "student": {"name": "mlp"}})
     with pytest.raises(DataError, match=r"rows of a table.*\(data.transfer.munge\)"):
         load_data(digits.data)
+
+
+def test_blackbox_doc_numbers_come_from_the_committed_result():
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = json.loads((root / "benchmarks" / "results" / "data_free_tabular.json").read_text())
+    text = " ".join((root / "docs" / "blackbox.md").read_text().split())
+    names = ("ensemble_top1", "real_labels_top1", "munge_top1")
+    for f in result["tabular_folds"]:
+        assert "| " + " | ".join([str(f["fold"])] + [f"{100 * f[n]:.2f}" for n in names]) + " |" in text
+    assert "| mean ± std | " + " | ".join(f"{100 * result[n]['mean']:.2f} ± {100 * result[n]['std']:.2f}"
+                                         for n in names) + " |" in text
+    assert f"keeps **{100 * result['munge_retention']:.1f} %** of the ensemble" in text
+    acceptance = result["tabular_acceptance"]
+    assert acceptance["munge_keeps_98pct_of_ensemble"] and "(target >= 98 %: met)" in text
+    assert not acceptance["munge_beats_real_labels"] and "does **not** beat the MLP" in text
+    assert f"took {result['seconds']:.0f} s at 1 thread" in text and not result["quick"]
