@@ -35,7 +35,7 @@ from kdistill.schemes.offline import summarize
 from kdistill.tasks.job import RunDir
 from kdistill.teachers.live import freeze
 
-__all__ = ["DistillResult", "distill", "to_dataset"]
+__all__ = ["DistillResult", "distill", "search", "to_dataset"]
 
 GIVEN = "kdistill.api:given"  # the model name in the job's config: the models are the caller's objects
 
@@ -203,3 +203,15 @@ def _settings(cfg) -> dict:
         settings.pop(key, None)
     settings["teacher"] = {"train": settings["teacher"]["train"]}
     return settings
+
+
+def search(config: Union[str, Path], *, trials: int, out: Optional[Union[str, Path]] = None,
+           storage: Optional[str] = None, jobs: int = 1, constraints: tuple = (), overrides: tuple = (),
+           progress: bool = False, log: Callable[[str], None] = print) -> dict:
+    """``kdistill search CONFIG`` from Python: an Optuna study over the config's ``search:`` section (resumed when
+    its storage already holds it); returns the search record (trials, Pareto front, best trial) also written to
+    ``OUT/search.json``, with ``OUT/best.yaml`` and ``OUT/report.html`` (docs/search.md)."""
+    from kdistill.search import search as run_search
+
+    return run_search(config, trials=trials, out=out, storage=storage, jobs=jobs, constraints=constraints,
+                      overrides=overrides, progress=progress, log=log)

@@ -1,4 +1,4 @@
-"""Command line: `kdistill demo | run | eval | export | report | audit | cache`. Parses, calls the API, maps every
+"""Command line: `kdistill demo | run | eval | export | report | audit | search | cache`. Parses, calls the API, maps every
 KDError to one line + exit 2."""
 
 from __future__ import annotations
@@ -225,6 +225,36 @@ def audit_cmd(config: Path = typer.Argument(..., help="a YAML config (task class
 
         weights = str(teacher_path(cfg, run_dir)) if cfg.scheme.name == "offline" else None
         raise refusal(record, run_dir, weights)
+
+
+SEARCH_OUT_HELP = ("search directory (default: runs/<config name>-search): trials/NNNN run directories, teacher/, "
+                   "search.db, search.json, best.yaml, report.html")
+CONSTRAINT_HELP = ("a hard limit measured on the deployment runtime: latency_ms<=2, bytes<=200000, top1>=0.8 "
+                   "(repeatable; added to the config's search.constraints)")
+
+
+@app.command("search")
+def search_cmd(config: Path = typer.Argument(..., help="a YAML config with a search: section"),
+               trials: int = typer.Option(..., "--trials", help="finished trials the study should hold (a resumed "
+                                                                "search runs only the missing ones)"),
+               storage: Optional[str] = typer.Option(None, "--storage", help="sqlite:///PATH of the Optuna study "
+                                                                            "(default: sqlite:///OUT/search.db)"),
+               jobs: int = typer.Option(1, "--jobs", help="worker processes sharing the storage"),
+               constraint: Optional[list[str]] = typer.Option(None, "--constraint", help=CONSTRAINT_HELP),
+               out: Optional[Path] = typer.Option(None, "--out", help=SEARCH_OUT_HELP),
+               overrides: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+               progress: bool = typer.Option(False, "--progress/--no-progress", help="progress bars of the "
+                                             "shared teacher's training")) -> None:
+    """Search the config's search: space with Optuna (docs/search.md): each trial is a real short run; the best
+    configuration meeting the constraints is written as OUT/best.yaml, the trials and Pareto front to
+    OUT/report.html. Run it again to resume."""
+    from kdistill.search import search
+    from kdistill.search.results import results_table
+
+    record = search(config, trials=trials, out=out, storage=storage, jobs=jobs, constraints=constraint or [],
+                    overrides=overrides or [], progress=progress)
+    print(results_table(record))
+    print(f"report: {Path(record['out']) / 'report.html'}")
 
 
 cache_app = typer.Typer(no_args_is_help=True, help="Teacher-output cache: build it once, train from it.")

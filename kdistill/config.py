@@ -17,9 +17,9 @@ from pydantic import Discriminator, Field, Tag, ValidationError, field_validator
 from kdistill.audit.config import AuditConfig
 from kdistill.compress.config import CompressStep, ExportConfig, check_steps
 from kdistill.configbase import Strict, read_yaml
+from kdistill.data.munge import MungeConfig, MungeTransfer, transfer_form
 from kdistill.data.sources import BUILTIN_TAG, FILES_TAG, SourceConfig, UserDataBase, data_form
 from kdistill.datafree.config import BoundaryConfig, DataFreeConfig
-from kdistill.data.munge import MungeConfig, MungeTransfer, transfer_form
 from kdistill.schemes.assistant import AssistantScheme
 from kdistill.schemes.cross_modal import CrossModalScheme
 from kdistill.schemes.lifelong import LifelongScheme
@@ -30,6 +30,7 @@ from kdistill.schemes.sections import CacheConfig, ModelConfig, StudentConfig, T
 from kdistill.schemes.selective import SelectiveScheme
 from kdistill.schemes.self_distill import BornAgainScheme, ByotScheme, SnapshotScheme
 from kdistill.schemes.specialists import SpecialistsScheme
+from kdistill.search.config import SearchConfig
 from kdistill.tasks import dump_config
 from kdistill.train_config import ThreadsSetting, TrainConfig, check_threads
 
@@ -189,6 +190,8 @@ class RunConfig(Strict):
     export: Optional[ExportConfig] = Field(None, description="ONNX export (fp32, int8) of the final model")
     audit: Optional[AuditConfig] = Field(None, description="audit the teacher before distillation (scheme offline, "
                                          "multi_teacher; docs/audit.md); a violated threshold stops the run")
+    search: Optional[SearchConfig] = Field(None, description="what `kdistill search` varies and optimizes "
+                                           "(docs/search.md); `kdistill run` ignores it")
     data_free: Optional[DataFreeConfig] = Field(None, description="train the student on inputs synthesised from "
                                                 "the teacher (deepinversion | dfad; docs/data_free.md)")
 
