@@ -228,6 +228,25 @@ def test_sklearn_teacher_fitted_on_a_configs_training_split(tmp_path, capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+def test_python_api_distils_from_a_black_box(tmp_path):
+    """`kdistill.distill` takes a black-box teacher module (copied with its own cache connection)."""
+    import kdistill
+    from kdistill.models import build_model
+    from kdistill.teachers.api import black_box
+
+    teacher = black_box(10, str(tmp_path / "a.sqlite"), call="tests.test_api_teacher:linear_teacher", batch_size=40)
+    x = np.random.default_rng(3).random((80, 1, 8, 8)).astype(np.float32)
+    y = linear_teacher(x).argmax(1)
+    student = build_model("mlp", {"hidden": [8]}, input_shape=(1, 8, 8), num_classes=10)
+    result = kdistill.distill(teacher, student, (x, y), steps=3, batch_size=16, baseline=False, progress=False,
+                              log=lambda line: None, eval_options={"latency_repeats": 1, "threads": 1,
+                                                                   "throughput_batch": 2})
+    assert result.summary["teacher"]["accuracy"] == 1.0
+    cache = AnswerCache(tmp_path / "a.sqlite", teacher.teacher.backend.identity + "|")
+    asked = cache._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+    assert 0 < asked <= 80 and cache.sent() == asked  # rows asked lazily, batch by batch, each once
+
+
 # -- the CLI: a whole run from a config, and its one-line errors -------------------------------------------------
 
 def api_config(tmp_path, url, **teacher):

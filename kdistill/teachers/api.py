@@ -321,11 +321,23 @@ class ApiTeacherModel(nn.Module):
         return self.teacher.cache.sent() - before
 
 
+def black_box(num_classes: int, answers: str, *, url: Optional[str] = None, call: Optional[str] = None,
+              kwargs: Optional[Mapping[str, Any]] = None, identity: str = "", label_smoothing: float = 0.1,
+              fields: Optional[Mapping[str, str]] = None, timeout: float = 30.0, **options: Any) -> ApiTeacherModel:
+    """A black-box teacher module from Python (e.g. for `kdistill.distill`): `url` or `call` (with `kwargs`), its
+    answer cache file `answers`, and `ApiTeacher` options (budget, batch_size, retries, backoff, max_backoff)."""
+    if (url is None) == (call is None):
+        raise ApiError("give exactly one of url or call", where="black_box")
+    backend = HttpBackend(url, fields, timeout=timeout) if url is not None else CallableBackend(call, kwargs)
+    cache = AnswerCache(answers, f"{backend.identity}|{identity}")
+    return ApiTeacherModel(ApiTeacher(backend, cache, fields=fields, **options), num_classes, label_smoothing)
+
+
 def stacked_rows(datasets: Sequence[Any]) -> np.ndarray:
     """The inputs of `ArrayDataset`s (or arrays / tensors) stacked into one float32 array."""
     parts = [d.tensors["x"] if hasattr(d, "tensors") else torch.as_tensor(d) for d in datasets if d is not None]
     return torch.cat([p.float() for p in parts]).numpy()
 
 
-__all__ = ["ApiError", "ApiTeacher", "ApiTeacherModel", "CallableBackend", "HttpBackend", "Retryable",
+__all__ = ["ApiError", "ApiTeacher", "ApiTeacherModel", "CallableBackend", "black_box", "HttpBackend", "Retryable",
            "distributions", "parse_answers", "stacked_rows"]

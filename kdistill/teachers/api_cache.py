@@ -51,6 +51,13 @@ class AnswerCache:
     def close(self) -> None:
         self._db.close()
 
+    def __deepcopy__(self, memo: dict) -> "AnswerCache":
+        """A copy on its own connection to the same file (a teacher model copied by `kdistill.distill`)."""
+        copy = object.__new__(AnswerCache)
+        copy.path, copy.identity, copy._memo = self.path, self.identity, dict(self._memo)
+        copy._db = sqlite3.connect(str(self.path), timeout=30.0)
+        return copy
+
     # -- keys ----------------------------------------------------------------------------------------------------
     def keys(self, rows: np.ndarray) -> list[str]:
         """One key per row of `rows` (any shape ``(N, ...)``; hashed as contiguous float32)."""
