@@ -130,6 +130,11 @@ def test_batched_terms_equal_the_reference_losses_and_topk_values_approach_them(
     assert got["gold"] == pytest.approx(ref["gold"], rel=1e-5)
     assert got["hybrid"] == pytest.approx(ref["gold"] + 0.5 * ref["matched"], rel=1e-5)
     assert ref["matched"] > 0
+    with torch.no_grad():
+        logits = student(input_ids=batch["x"], attention_mask=batch["attention_mask"]).logits
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                               batch["y"][:, 1:].reshape(-1))
+    assert got["ce"] == pytest.approx(float(ce), rel=1e-5)
     # precomputed values with k covering the vocabulary are the live ones; a small k stays close
     cached = CrossTokenizerDistiller(student, ColumnTeacher(), terms, vocab_map=vocab_map,
                                      teacher_vocab=len(setup["teacher_tok"]))
@@ -248,14 +253,15 @@ def test_same_vocabulary_terms_across_two_tokenizers_exit_2_with_one_line(setup,
 
 
 def byte_fallback_sentencepiece():
-    """A tiny SentencePiece-style BPE ('▁' spaces) with byte fallback: characters it lacks become <0xAB> tokens."""
+    """A SentencePiece-style tokenizer ('▁' spaces) with byte fallback: characters it lacks become <0xAB> tokens;
+    no merges (letters of the training text only), so the pieces below do not depend on the trainer's ties."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
     tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 3, trainers.BpeTrainer(
-        vocab_size=300, show_progress=False,
+        vocab_size=1, show_progress=False,
         special_tokens=["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256))]))
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                                 unk_token="<unk>")
@@ -271,14 +277,16 @@ def test_text_view_with_byte_fallback_pieces_whitespace_multi_token_words_and_sp
     got = [(text[v["student_offsets"][0, s[0], 0]:v["student_offsets"][0, s[1] - 1, 1]], s_tok[slice(*s)],
             t_tok[slice(*t)]) for s, t in zip(v["span_student"][0].tolist(), v["span_teacher"][0].tolist())
            if s[0] >= 1]
-    assert got == [
-        ("The", ["the"], ["▁", "<0x54>", "he"]),  # a multi-token word; 'T' is a byte-fallback piece
-        ("foxes", ["foxes"], ["▁", "▁", "fo", "x", "e", "s"]),  # the doubled space joins the word
+    assert got[:6] == [
+        ("The", ["the"], ["▁", "<0x54>", "h", "e"]),  # a multi-token word; 'T' is a byte-fallback piece
+        ("foxes", ["foxes"], ["▁", "▁", "f", "o", "x", "e", "s"]),  # the doubled space joins the word
         ("é", ["e"], ["▁", "<0xC3>", "<0xA9>"]),  # two byte pieces of one character: one span
         ("🍰", ["[UNK]"], ["▁", "<0xF0>", "<0x9F>", "<0x8D>", "<0xB0>"]),
         ("unbelievably", ["unbelievably"], ["<0x0A>", "<0x0A>", *"unbelievably"]),  # newlines as bytes
-        ("dog", ["dog"], ["▁", "do", "g"]), ("f", ["##f"], ["f"]),  # a word split differently on both sides:
-        ("rie", ["##rie"], ["r", "i", "e"]), ("nds", ["##nds"], ["n", "d", "s"])]  # cut at common boundaries
+        ("dog", ["dog"], ["▁", "d", "o", "g"])]
+    # 'friends' after 'dog' is split differently on both sides: cut only at common boundaries
+    assert "".join(g[0] for g in got[6:]) == "friends" and len(got) > 7
+    assert all(t.startswith("##") for g in got[6:] for t in g[1]) and all(g[2] == list(g[0]) for g in got[6:])
     assert s_tok[0] == "[CLS]" and s_tok[len(student_tok(text)["input_ids"]) - 1] == "[SEP]"  # specials:
     assert v["y"][0, 0] == -100 and t_tok[0] == "</s>" and v["teacher_offsets"][0, 0].tolist() == [0, 0]  # no text
     assert int(v["chars"][0]) == len(text) and texts_of(view) == [text]

@@ -57,21 +57,23 @@ _WHERE = "kdistill.llm.CrossTokenizerDistiller"
 PREFIX = "teacher_span_"  # dataset columns of precomputed teacher values
 
 
-def _token_log_probs(log_q: Tensor, ids: Tensor) -> Tensor:
+def _token_log_probs(z: Tensor, lse: Tensor, ids: Tensor) -> Tensor:
     """``(B, N - 1)``: entry ``j - 1`` is ``log q_j(x_j)`` (row ``j - 1`` predicts token ``j``)."""
-    return log_q[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return z[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1) - lse[:, :-1]
 
 
-def _span_parts(log_q: Tensor, ids: Tensor, spans: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(valid (B, P), prefix (B, P) float64, last-row log q (B, P, V))`` of spans ``[a, b)`` (``-1`` padding)."""
+def _span_parts(z: Tensor, lse: Tensor, token_lp: Tensor, spans: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per aligned span ``[a, b)`` (``-1`` padding) of scaled logits ``z`` ``(B, N, V)`` with ``lse =
+    logsumexp(z)`` and `_token_log_probs`: ``(valid (B, P), prefix (B, P) float64 = sum_{j=a}^{b-2} log q_j(x_j),
+    last-row log q (n, V) of the n valid spans)``."""
     valid = spans[..., 0] >= 1
     a = torch.where(valid, spans[..., 0], torch.ones_like(spans[..., 0]))
     b = torch.where(valid, spans[..., 1], torch.full_like(spans[..., 1], 2))
-    token_lp = _token_log_probs(log_q, ids)
-    cum = torch.cat([token_lp.new_zeros((ids.shape[0], 1), dtype=torch.float64), token_lp.double().cumsum(-1)], -1)
-    prefix = cum.gather(1, b - 2) - cum.gather(1, a - 1)  # tokens a .. b-2
-    last = log_q.gather(1, (b - 2)[..., None].expand(-1, -1, log_q.shape[-1]))
-    return valid, prefix, last
+    cum = torch.cat([token_lp.new_zeros((z.shape[0], 1), dtype=torch.float64), token_lp.double().cumsum(-1)], -1)
+    prefix = cum.gather(1, b - 2) - cum.gather(1, a - 1)
+    rows = (b - 2)[valid]
+    batch_idx = torch.arange(z.shape[0], device=z.device)[:, None].expand_as(valid)[valid]
+    return valid, prefix, z[batch_idx, rows] - lse[batch_idx, rows][:, None]
 
 
 def span_teacher_values(logits: Tensor, ids: Tensor, spans: Tensor, *, k: Optional[int] = None,
@@ -84,16 +86,29 @@ def span_teacher_values(logits: Tensor, ids: Tensor, spans: Tensor, *, k: Option
     ``matched_idx`` / ``matched_logp`` / ``matched_log_tail``: the top-k of the distribution restricted to the
     shared tokens (indices into the map), as a `SparseDistribution` holds them. ``k = None``: every entry.
     """
-    log_q = torch.log_softmax(logits.float() / temperature, dim=-1)
-    valid, prefix, last = _span_parts(log_q, ids, spans)
-    v_t = log_q.shape[-1]
+    z = logits.float() / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    valid, prefix, last = _span_parts(z, lse, _token_log_probs(z, lse, ids), spans)
+    v_t = z.shape[-1]
     sparse = SparseDistribution.from_logits(last, min(k or v_t, v_t), 1.0)  # log-probs already: T applied
-    out = {"sorted_logp": sparse.log_probs, "log_tail": sparse.log_tail, "prefix": prefix.float(),
-           "valid": valid}
+    shape = (*valid.shape, sparse.k)
+    out = {"sorted_logp": _scatter_rows(sparse.log_probs, valid, shape, 0.0),
+           "log_tail": _scatter_rows(sparse.log_tail, valid, valid.shape, float("-inf")),
+           "prefix": prefix.float(), "valid": valid}
     if vocab_map is not None and len(vocab_map):
-        shared = last.gather(-1, vocab_map.teacher_ids.to(last.device).expand(*last.shape[:2], -1))
+        shared = last[:, vocab_map.teacher_ids.to(last.device)]
         m = SparseDistribution.from_logits(shared, min(matched_k or len(vocab_map), len(vocab_map)), 1.0)
-        out.update(matched_idx=m.indices.to(torch.int32), matched_logp=m.log_probs, matched_log_tail=m.log_tail)
+        shape = (*valid.shape, m.k)
+        out.update(matched_idx=_scatter_rows(m.indices.to(torch.int32), valid, shape, 0),
+                   matched_logp=_scatter_rows(m.log_probs, valid, shape, 0.0),
+                   matched_log_tail=_scatter_rows(m.log_tail, valid, valid.shape, float("-inf")))
+    return out
+
+
+def _scatter_rows(rows: Tensor, valid: Tensor, shape: tuple, fill: float) -> Tensor:
+    """The valid spans' rows put back into the padded ``(B, P, ...)`` layout."""
+    out = rows.new_full(shape, fill)
+    out[valid] = rows
     return out
 
 
@@ -158,29 +173,34 @@ class CrossSide(nn.Module):
 
     def forward(self, batch: Mapping[str, Tensor], teacher_values: Mapping[str, Tensor], labels: Tensor):
         logits = self.student(**lm_inputs(batch)).logits
-        z = logits.float()
+        z = logits.float() / self.temperature if self.temperature != 1 else logits.float()
         terms: dict[str, Tensor] = {}
-        cross = [t for t in self.terms if t.loss != "ce"]
-        if cross:
-            log_q = torch.log_softmax(z / self.temperature, dim=-1)
-            valid, prefix, last = _span_parts(log_q, batch["x"], batch["span_student"])
-            valid = valid & teacher_values["valid"].to(valid.device)
-            n = int(valid.sum())
+        lse = torch.logsumexp(z, dim=-1)
+        token_lp = _token_log_probs(z, lse, batch["x"])
+        if any(t.loss != "ce" for t in self.terms):
+            valid, prefix, last = _span_parts(z, lse, token_lp, batch["span_student"])
+            keep = teacher_values["valid"].to(valid.device)
+            last, valid = last[keep[valid]], valid & keep
         for term in self.terms:
             if term.loss == "ce":
                 shifted = shift_labels(labels)
-                value = F.cross_entropy(z.reshape(-1, z.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE_INDEX)
-            elif n == 0:
+                if self.temperature == 1:  # the next-token NLL: minus the token log-probs already taken
+                    mask = shifted[:, :-1] != IGNORE_INDEX
+                    value = -(token_lp * mask).sum() / mask.sum().clamp_min(1)
+                else:
+                    value = F.cross_entropy(logits.float().reshape(-1, z.shape[-1]), shifted.reshape(-1),
+                                            ignore_index=IGNORE_INDEX)
+            elif not int(valid.sum()):
                 value = z.reshape(-1)[:0].sum()
             else:
-                value = self._cross(term, valid, prefix, last, teacher_values, z, batch, n)
+                value = self._cross(term, valid, prefix, last, teacher_values, z, batch)
             terms[term.name] = value * term.weight_at(self.step)
         return {"logits": logits}, terms
 
     def _cross(self, term: Term, valid: Tensor, prefix: Tensor, last: Tensor, tv: Mapping[str, Tensor], z: Tensor,
-               batch: Mapping[str, Tensor], n: int) -> Tensor:
+               batch: Mapping[str, Tensor]) -> Tensor:
         top, tail = tv["sorted_logp"][valid].float(), tv["log_tail"][valid].float()
-        s_last = last[valid]
+        s_last = last
         if term.loss == "gold":  # merged span sub-distributions: the prefix probability times the last row
             t_prefix = tv["prefix"][valid].float()
             s_last = s_last + prefix[valid].to(s_last.dtype)[:, None]
@@ -188,7 +208,7 @@ class CrossSide(nn.Module):
         value = sorted_l1_topk(s_last.exp(), top.exp(), tail.exp(), self.teacher_vocab).mean()
         weight = float(term.params.get("matched_weight", 0.0))
         if term.loss == "gold" and weight > 0:
-            value = value + weight * self._matched(term, valid, z, batch, tv, n)
+            value = value + weight * self._matched(term, valid, z, batch, tv, int(valid.sum()))
         return value
 
     def _matched(self, term: Term, valid: Tensor, z: Tensor, batch: Mapping[str, Tensor], tv: Mapping[str, Tensor],

@@ -63,7 +63,8 @@ def sorted_l1_topk(student_probs: Tensor, teacher_top: Tensor, teacher_tail: Ten
 
     With ``t = (top, c, ..., c, 0, ...)`` and ``s`` sorted and zero-padded, the sum splits into the first k entries,
     the entries ``k .. V_t - 1`` (against ``c``; the student's zero padding there adds ``c`` each) and the student's
-    entries beyond ``V_t`` (against 0): no ``(N, max(V_s, V_t))`` teacher vector is built.
+    entries beyond ``V_t`` (against 0): no ``(N, max(V_s, V_t))`` teacher vector is built. When ``V_s <= V_t`` the
+    entries after the k-th all meet ``c``, so only the student's top-k is sorted (``topk``), not its whole vector.
     """
     _rows("sorted_l1_topk", student_probs, teacher_top)
     k, v_t = teacher_top.shape[1], int(teacher_vocab)
@@ -71,12 +72,18 @@ def sorted_l1_topk(student_probs: Tensor, teacher_top: Tensor, teacher_tail: Ten
         raise WiringError(f"teacher top-k {tuple(teacher_top.shape)}, tail {tuple(teacher_tail.shape)} and "
                           f"vocabulary {v_t} do not fit", where=f"{_WHERE}.sorted_l1_topk",
                           fix="pass (N, k) top entries with 1 <= k <= V_t and an (N,) tail")
+    v_s = student_probs.shape[1]
+    top = teacher_top.to(student_probs.dtype)
+    fill = (teacher_tail.to(top.dtype) / (v_t - k)) if v_t > k else torch.zeros_like(top[:, 0])
+    if v_s <= v_t and k < v_s:
+        # the entries after the k-th all meet the same c (or the zero padding, which adds c each): their order does
+        # not matter, so the student's top-k (not a full sort) is enough
+        s_top = student_probs.topk(k, dim=-1).values
+        rest = (student_probs - fill[:, None]).abs().sum(-1) - (s_top - fill[:, None]).abs().sum(-1)
+        return (s_top - top).abs().sum(-1) + rest + (v_t - v_s) * fill
     s = student_probs.sort(dim=-1, descending=True).values
-    v_s = s.shape[1]
     if v_s < k:
         s = F.pad(s, (0, k - v_s))
-    top = teacher_top.to(s.dtype)
-    fill = (teacher_tail.to(s.dtype) / (v_t - k)) if v_t > k else torch.zeros_like(s[:, 0])
     head = (s[:, :k] - top).abs().sum(-1)
     mid = (s[:, k:min(v_s, v_t)] - fill[:, None]).abs().sum(-1) + max(v_t - max(v_s, k), 0) * fill
     beyond = s[:, v_t:].sum(-1) if v_s > v_t else torch.zeros_like(head)
