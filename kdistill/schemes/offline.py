@@ -227,7 +227,8 @@ def summarize(teacher: nn.Module, student: nn.Module, baseline: Optional[nn.Modu
     cost = job.measure_cost(models, summary)
     t, s = summary["teacher"], summary["student"]
     summary["retention"] = s["accuracy"] / t["accuracy"] if t["accuracy"] else float("nan")
-    summary["compression"] = t["params"] / s["params"]
+    # a black-box teacher (teacher.kind: api) has no parameters here: no compression ratio against it
+    summary["compression"] = t["params"] / s["params"] if t["params"] else float("nan")
     speedups = {str(c): round_ratio(cost, "teacher", "student", c) for c in cost["threads"]}
     primary = speedups[str(cost["primary_threads"])]
     summary["speedup"], summary["speedup_spread"] = primary["ratio"], primary["spread"]

@@ -17,6 +17,7 @@ the reconstructed distribution instead.
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import time
@@ -103,7 +104,8 @@ class HttpBackend:
                 raise Retryable(f"HTTP {err.code}", _seconds(after)) from None
             raise ApiError(f"the teacher API at {self.url} refused the request: HTTP {err.code} {err.reason}",
                            where=self.where, fix="check the URL and the request fields (teacher.fields)") from None
-        except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError) as err:
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout,
+                TimeoutError) as err:
             raise Retryable(str(getattr(err, "reason", err))) from None
         try:
             return json.loads(text)

@@ -93,13 +93,19 @@ class AnswerCache:
                          "DO UPDATE SET rows = rows + excluded.rows", (self.identity, int(rows)))
 
     def reserve(self, rows: int, budget: Optional[int]) -> None:
-        """Count `rows` as sent before they leave (committed); CacheError if that would pass `budget`."""
-        with self._db:
+        """Count `rows` as sent before they leave (committed); CacheError if that would pass `budget`. The check
+        and the count are one write transaction, so processes sharing the file cannot both pass the budget."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
             if budget is not None and self.sent() + rows > budget:
                 raise CacheError(f"sending {rows} more rows would pass the teacher's query budget of {budget} "
                                  f"({self.sent()} already sent)", where="teacher.budget",
                                  fix="raise teacher.budget or query fewer rows")
             self._add_sent(rows)
+            self._db.commit()
+        except BaseException:
+            self._db.rollback()
+            raise
 
     def release(self, rows: int) -> None:
         """Un-count a reservation whose request failed (nothing was answered)."""

@@ -126,7 +126,7 @@ def check_api_budget(model: Any, datasets: Sequence[Any], log: Callable[[str], N
     rows = stacked_rows(datasets)
     missing = len(teacher.cache.missing(teacher.cache.keys(rows)))
     teacher.check_budget(missing)
-    budget = f" of a budget of {teacher.budget}" if teacher.budget is not None else ""
+    budget = f", budget {teacher.budget}" if teacher.budget is not None else ""
     log(f"teacher API: {len(rows) - missing} of {len(rows)} rows answered by the cache {teacher.cache.path}; "
         f"{missing} to send ({teacher.cache.sent()} sent before{budget})")
     return missing
