@@ -195,3 +195,37 @@ def test_malformed_input_is_one_line_exit_2(case, files, capsys):
     assert code == 2 and len(lines) == 1 and lines[0].startswith("kdistill: error: "), err
     assert "Traceback" not in err and expected in lines[0], lines[0]
 
+
+
+class WordTokenizer:
+    """One id per distinct lowercase word (0 is the end of a document)."""
+
+    eos_token_id = 0
+
+    def __init__(self):
+        self.ids = {}
+
+    def __call__(self, texts, add_special_tokens=False, verbose=False):
+        return {"input_ids": [[self.ids.setdefault(w, len(self.ids) + 1) for w in t.lower().split()] for t in texts]}
+
+
+def test_lm_corpus_from_a_text_file_and_a_table_column(tmp_path):
+    gensim_utils = pytest.importorskip("gensim.test.utils", reason="news documents from gensim's test data")
+    pytest.importorskip("transformers", reason="the causal-LM task needs the llm extra")
+    from kdistill.llm.job import load_lm_corpus
+    from kdistill.tasks import load_any
+
+    news = open(gensim_utils.datapath("lee_background.cor"), encoding="utf-8").read().splitlines()[:20]
+    (tmp_path / "news.txt").write_text("\n\n".join(news) + "\n")
+    pd.DataFrame({"body": news, "n": range(20)}).to_parquet(tmp_path / "news.parquet")
+    base = "task: causal_lm\nteacher: {path: somewhere}\ndata: {block_size: 16, heldout_fraction: 0.25, corpus: %s}\n"
+    for corpus in ("news.txt", "{path: news.parquet, column: body}"):
+        config = tmp_path / "lm.yaml"
+        config.write_text(base % corpus)
+        _, cfg = load_any(config)
+        blocks = load_lm_corpus(cfg, WordTokenizer())
+        assert blocks["info"]["articles"] == 20 and blocks["info"]["heldout_articles"] == 5
+        assert blocks["train"].shape[1] == 16 and len(blocks["train"]) > len(blocks["heldout"]) > 0
+    config.write_text(base % "{path: news.parquet, column: text}")
+    with pytest.raises(DataError, match=r"column 'text' not in news.parquet; available: body, n \(data.corpus.column\)"):
+        load_lm_corpus(load_any(config)[1], WordTokenizer())

@@ -153,6 +153,42 @@ class UserDataBase(Strict):
         return self.train == "none"
 
 
+class TextSourceConfig(Strict):
+    """A text corpus of the user's (the LM task's ``data.corpus``): documents from a text file, or one text column
+    of a table / datasets folder. A bare string is a path."""
+
+    path: str = Field(..., description="a .txt file, a CSV / Parquet table or a datasets save_to_disk folder")
+    format: Optional[Literal["txt", "csv", "parquet", "hf"]] = Field(None, description="when the suffix does not "
+                                                                                        "say it")
+    column: str = Field("text", description="tables and datasets folders: the column holding the documents")
+    separator: Literal["blank_line", "line"] = Field("blank_line", description=".txt: documents end at a blank "
+                                                                                "line, or every line is one")
+    split: Optional[str] = Field(None, description="datasets folders holding a DatasetDict: which split to read")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_shorthand(cls, value):
+        return {"path": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _anchored(self) -> "TextSourceConfig":
+        from kdistill.data.tables import find_path
+        from kdistill.models import CONFIG_FOLDERS
+
+        found = None if Path(self.path).is_absolute() else find_path(self.path, list(reversed(CONFIG_FOLDERS)))
+        if found is not None:
+            object.__setattr__(self, "path", str(found))
+        return self
+
+
+def _corpus_form(value) -> str:
+    return "form:builtin" if value == "wiki" else "form:files"
+
+
+TextCorpus = Annotated[Union[Annotated[Literal["wiki"], Tag("form:builtin")],
+                             Annotated[TextSourceConfig, Tag("form:files")]], Discriminator(_corpus_form)]
+
+
 def data_form(value: Any) -> str:
     """The union tag of a ``data:`` value: the files form when it has a split key (or a transfer source), else
     the built-in form (also when ``name`` is given, so old configs read as before; ``{train: none}`` alone is
@@ -172,5 +208,5 @@ def data_form(value: Any) -> str:
     return FILES_TAG if isinstance(value, UserDataBase) else BUILTIN_TAG
 
 
-__all__ = ["BUILTIN_TAG", "FILES_TAG", "FORMATS", "SPLITS", "SourceConfig", "TABLE_FORMATS", "TrainSource",
-           "UserDataBase", "data_form"]
+__all__ = ["BUILTIN_TAG", "FILES_TAG", "FORMATS", "SPLITS", "SourceConfig", "TABLE_FORMATS", "TextCorpus",
+           "TextSourceConfig", "TrainSource", "UserDataBase", "data_form"]

@@ -260,5 +260,45 @@ def read_dataset(source, where: str, labelled: bool, folders=()) -> Arrays:
     return x, y
 
 
+def read_texts(source, where: str = "data.corpus", folders=()) -> list[tuple[str, str]]:
+    """The documents of a `TextSourceConfig` as ``[(title, text), ...]`` (titles: the file name and the document's
+    number): a .txt file cut at blank lines (or lines), or a table's / datasets folder's text column."""
+    path = resolve_path(source.path, f"{where}.path", folders)
+    fmt = source.format or ("txt" if path.is_file() and path.suffix.lower() == ".txt" else None)
+    if fmt is None:
+        fmt = detect_format(path, None, f"{where}.path")
+        if fmt not in ("csv", "parquet", "hf"):
+            raise DataError(f"{path.name} is a {fmt} file, not text", where=f"{where}.path",
+                            fix="give a .txt file, a table with a text column or a datasets folder")
+    if fmt == "txt":
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path.name} is not UTF-8 text (byte {err.start})", where=f"{where}.path",
+                            fix="convert it to UTF-8") from None
+        import re
+
+        parts = raw.splitlines() if source.separator == "line" else re.split(r"\n\s*\n", raw)
+        texts = [" ".join(p.split()) for p in parts]
+    else:
+        columns = read_table(path, fmt, f"{where}.path") if fmt != "hf" else \
+            read_hf_columns(path, source, f"{where}.path")
+        if source.column not in columns:
+            raise DataError(f"column '{source.column}' not in {path.name}; available: {_names(columns)}",
+                            where=f"{where}.column", fix="set column: to the column holding the documents")
+        values = list(columns[source.column])
+        bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
+        if bad is not None:
+            raise DataError(f"column '{source.column}' of {path.name} holds a {type(values[bad]).__name__} at row "
+                            f"{bad}, not text", where=f"{where}.column", fix="give a column of strings (no gaps)")
+        texts = [" ".join(v.split()) for v in values]
+    docs = [(f"{path.name}:{i}", t) for i, t in enumerate(texts) if t]
+    if len(docs) < 2:
+        raise DataError(f"{path.name} holds {len(docs)} non-empty document{'s' * (len(docs) != 1)}; the held-out "
+                        "split takes whole documents", where=f"{where}.path",
+                        fix="give at least 2 documents (separated by blank lines in a .txt, or set separator: line)")
+    return docs
+
+
 __all__ = ["SUFFIXES", "columns_to_arrays", "detect_format", "find_path", "read_dataset", "read_hf_columns", "read_npy",
-           "read_npz", "read_table", "resolve_path"]
+           "read_npz", "read_table", "read_texts", "resolve_path"]

@@ -212,6 +212,18 @@ def load_without_train(cfg, *, folders: Optional[Sequence[Path]] = None) -> Data
     return load_user_data(cfg, allow_no_train=True, folders=folders)
 
 
+def corpus_documents(corpus, *, folders: Optional[Sequence[Path]] = None) -> list[tuple[str, str]]:
+    """The documents of the LM task's ``data.corpus``: ``"wiki"`` (gensim's Wikipedia test articles) or the
+    user's text (`kdistill.data.sources.TextSourceConfig`), as ``[(title, text), ...]``."""
+    if corpus == "wiki":
+        from kdistill.data.text import wiki_articles
+
+        return wiki_articles()
+    from kdistill.data.tables import read_texts
+
+    return read_texts(corpus, "data.corpus", _config_folders() if folders is None else list(folders))
+
+
 def _bundle_name(cfg) -> str:
     source = cfg.train if cfg.train != "none" else cfg.test
     if source.path is not None:
@@ -220,4 +232,4 @@ def _bundle_name(cfg) -> str:
     return source.dataset.replace(":", ".").rsplit(".", 1)[-1]
 
 
-__all__ = ["load_user_data", "load_without_train", "read_source"]
+__all__ = ["corpus_documents", "load_user_data", "load_without_train", "read_source"]

@@ -13,6 +13,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from kdistill.compress.config import CompressStep, ExportConfig, check_steps
 from kdistill.configbase import Strict
+from kdistill.data.sources import TextCorpus
 from kdistill.losses.lm import DIVERGENCES
 from kdistill.train_config import TrainConfig
 
@@ -77,9 +78,11 @@ class LMStudentConfig(Strict):
 
 
 class LMDataConfig(Strict):
-    """Text blocks from the Wikipedia articles in gensim's test data, held out by whole article."""
+    """Text blocks from the Wikipedia articles in gensim's test data (or the user's own text: ``corpus: {path:
+    FILE, ...}``, docs/data.md), held out by whole article / document."""
 
-    corpus: Literal["wiki"] = "wiki"
+    corpus: TextCorpus = Field("wiki", description="'wiki' (gensim's Wikipedia test articles) or the user's text: "
+                                                   "{path: .txt | table | datasets folder, column, separator}")
     seed: int = 0
     heldout_fraction: float = Field(0.1, gt=0, lt=1, description="fraction of articles held out")
     block_size: int = Field(128, ge=8, description="tokens per block")

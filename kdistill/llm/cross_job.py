@@ -69,9 +69,10 @@ def cross_corpus(cfg: LMRunConfig, teacher_tokenizer: Any, student_tokenizer: An
                  articles: Optional[Sequence[tuple[str, str]]] = None) -> dict[str, Any]:
     """``{"train", "heldout"}`` text-view datasets and ``"info"``: articles split whole (``data.seed``), each cut
     into windows of ``data.block_size`` student tokens, windows shuffled (seeded) before the caps keep the first."""
-    from kdistill.data.text import split_by_article, wiki_articles
+    from kdistill.data.text import split_by_article
+    from kdistill.data.user import corpus_documents
 
-    articles = list(articles) if articles is not None else wiki_articles()
+    articles = list(articles) if articles is not None else corpus_documents(cfg.data.corpus)
     train_articles, heldout_articles = split_by_article(articles, cfg.data.heldout_fraction, cfg.data.seed)
     gen = torch.Generator().manual_seed(cfg.data.seed)
     out: dict[str, Any] = {}

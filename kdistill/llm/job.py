@@ -50,9 +50,10 @@ def load_lm_corpus(cfg: LMRunConfig, tokenizer: Any,
     Training blocks are shuffled with ``data.seed`` before ``max_train_blocks`` keeps the first ones, so a short
     run still sees many articles; held-out blocks likewise before ``max_heldout_blocks``.
     """
-    from kdistill.data.text import lm_blocks, split_by_article, wiki_articles
+    from kdistill.data.text import lm_blocks, split_by_article
+    from kdistill.data.user import corpus_documents
 
-    articles = list(articles) if articles is not None else wiki_articles()
+    articles = list(articles) if articles is not None else corpus_documents(cfg.data.corpus)
     train_articles, heldout_articles = split_by_article(articles, cfg.data.heldout_fraction, cfg.data.seed)
     out: dict[str, Any] = {}
     gen = torch.Generator().manual_seed(cfg.data.seed)
