@@ -61,7 +61,9 @@ def _specials(tokenizer: Any) -> int:
 
 def text_windows(texts: Sequence[Any], tokenizer: Any, block_size: int) -> list[str]:
     """Consecutive windows of each text, each at most `block_size` tokens of `tokenizer` once its special tokens
-    are added; windows are cut at token boundaries (the whitespace between two windows is dropped).
+    are added; windows are cut at token boundaries, between words when one lies in the last quarter of the
+    window, and shortened when the window's own tokenization is longer (the whitespace between windows is
+    dropped).
 
     `texts`: strings or ``(title, text)`` pairs (`kdistill.data.text.wiki_articles`).
     """
@@ -74,9 +76,20 @@ def text_windows(texts: Sequence[Any], tokenizer: Any, block_size: int) -> list[
         text = item[1] if isinstance(item, (tuple, list)) else item
         _, offsets = _offsets(tokenizer, text, False)
         offsets = [o for o in offsets if o[1] > o[0]]
-        for i in range(0, len(offsets), room):
-            chunk = offsets[i:i + room]
-            out.append(text[chunk[0][0]:chunk[-1][1]])
+        i = 0
+        while i < len(offsets):
+            j = min(i + room, len(offsets))
+            back = j
+            while j < len(offsets) and back - 1 > i + room * 3 // 4 and offsets[back][0] == offsets[back - 1][1]:
+                back -= 1  # prefer a cut between words: a window starting mid-word tokenizes differently
+            j = back if j == len(offsets) or offsets[back][0] != offsets[back - 1][1] else j
+            while True:  # the window's own tokenization must fit too
+                n = len(_offsets(tokenizer, text[offsets[i][0]:offsets[j - 1][1]], False)[0])
+                if n <= room or j - i == 1:
+                    break
+                j = max(i + 1, j - (n - room))
+            out.append(text[offsets[i][0]:offsets[j - 1][1]])
+            i = j
     return [w for w in out if w.strip()]
 
 
