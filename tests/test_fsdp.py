@@ -24,7 +24,7 @@ from kdistill.errors import ConfigError  # noqa: E402
 from kdistill.train_config import DistributedConfig, TrainConfig  # noqa: E402
 
 from tests.conftest import tiny_config  # noqa: E402
-from tests.fsdp_job import run_job, tiny_llama  # noqa: E402
+from tests.fsdp_job import run_encoder_job, run_job, tiny_llama  # noqa: E402
 
 JOB = Path(__file__).with_name("fsdp_job.py")
 PORT = 29531
@@ -47,9 +47,9 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def unkilled(tmp_path_factory) -> Path:
     """The FSDP2 run (activation checkpointing, sharded teacher, 2 micro-batches per step), never interrupted;
-    then, in the same processes, a second stage in bf16 with a whole teacher."""
+    then, in the same processes, a stage in bf16 with a whole teacher and an encoder stage."""
     out = tmp_path_factory.mktemp("fsdp") / "unkilled"
-    torchrun(out, "--set", "grad_accum=2", "--bf16-stage")
+    torchrun(out, "--set", "grad_accum=2", "--bf16-stage", "--encoder-stage")
     return out
 
 
@@ -64,6 +64,14 @@ def test_fsdp2_run_matches_one_process_with_the_same_global_batch(unkilled, tmp_
         moved = (one[name] - init[name]).abs().max()
         assert moved > 1e-3, name  # trained
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_fsdp2_encoder_distillation_matches_one_process(unkilled, tmp_path):
+    run_encoder_job(str(tmp_path), world=1)  # the projections built on the first batch come from process 0
+    one, two = load_file(str(tmp_path / "encoder.safetensors")), load_file(str(unkilled / "encoder.safetensors"))
+    assert one.keys() == two.keys() and not any("adapters" in k for k in one)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=2e-5, msg=name)
 
 
 def test_killed_fsdp2_run_resumes_to_the_unkilled_weights(unkilled, tmp_path):

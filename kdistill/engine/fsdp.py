@@ -158,6 +158,12 @@ class FSDPRun:
         optimizer = build_optimizer(sharded.parameters())
         model, optimizer = self.acc.prepare(sharded, optimizer)
         check_head(model)
+        # every process starts from process 0's weights, as under DDP (lazily built adapters and randomly
+        # initialised students differ between processes)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, side.state_dict() if self.acc.is_main_process else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         if self.dist.shard_teacher:
             self._shard_teacher(objective.teacher)
         return model, optimizer
