@@ -40,7 +40,10 @@ def test_tensorboard_events_hold_the_metrics_jsonl_scalars(tmp_path):
     pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install 'kdistill[search]')")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = parse_config(tiny_config(baseline=False, train={"log_with": "tensorboard", "eval_every": 10},
+    # scikit-learn's digits: seconds-long (generating mnist1d alone takes ~2 s)
+    cfg = parse_config(tiny_config(data={"name": "digits", "train_size": 512, "transfer": {"size": 0}},
+                                   teacher={"name": "mlp", "kwargs": {"hidden": [32]}},
+                                   baseline=False, train={"log_with": "tensorboard", "eval_every": 10},
                                    eval={"latency_repeats": 1, "throughput_batch": 4, "threads": 1}))
     get_task("classification").run(cfg, tmp_path, progress=False, log=lambda *a: None)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
