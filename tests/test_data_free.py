@@ -92,7 +92,7 @@ def test_priors_and_competition_match_explicit_formulas():
 def test_synthesis_lowers_the_loss_and_leaves_the_teacher_untouched():
     model = _teacher()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    settings = DeepInversionConfig(batches=1, batch_size=12, steps=15, lr=0.1, jitter=1)
+    settings = DeepInversionConfig(batches=1, batch_size=12, steps=8, lr=0.1, jitter=1)
     seen = []
     x, y = synthesize_batch(model, (1, 8, 8), 3, settings, seed=1,
                             on_step=lambda step, terms: seen.append(float(sum(terms.values()))))

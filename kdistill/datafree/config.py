@@ -48,6 +48,7 @@ class DFADConfig(Strict):
     student_steps: int = Field(5, ge=1, description="student steps per generator step (paper: 5)")
     batch_size: int = Field(128, ge=2)
     z_dim: int = Field(100, ge=1, description="noise size of the generator")
+    width: int = Field(64, ge=1, description="generator width w (channels 2w, 2w, w; the paper's is 64)")
     generator_lr: float = Field(1e-3, gt=0, description="Adam learning rate of the generator (paper: 1e-3)")
     student_lr: float = Field(0.1, gt=0, description="SGD (momentum 0.9) learning rate of the student (paper: 0.1)")
     bn_weight: float = Field(0.0, ge=0, description="optional R_feature on generated batches for the generator "
@@ -125,8 +126,9 @@ def check_run(cfg) -> None:
     if cfg.teacher.cache is not None:
         raise ValueError(f"teacher.cache is not supported with {what} (the inputs are made during the run); "
                          f"remove it")
-    if getattr(cfg.data, "augment", None) is not None:
-        raise ValueError(f"data.augment is not supported with {what}; remove it")
+    if getattr(cfg.data, "augment", None) is not None and df is not None and df.method == "dfad":
+        raise ValueError("data.augment is not supported with data_free.method dfad (it has no transfer set); "
+                         "remove it")
     if cfg.compress or cfg.export is not None or cfg.audit is not None:
         raise ValueError(f"compress / export / audit are not supported with {what}; remove them (or distil first, "
                          f"then compress with a config that loads the student)")

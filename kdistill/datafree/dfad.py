@@ -8,9 +8,10 @@ A generator ``G(z)`` maps noise to inputs. Each iteration:
 2. ``student_steps`` student steps (SGD, momentum 0.9, weight decay 5e-4): minimise ``D`` on fresh ``G(z)``
    (generator and teacher fixed).
 
-The generator follows the paper's DCGAN-style design (linear -> 128 channels at 1/4 resolution -> upsample ->
-conv 128 -> upsample -> conv 64 -> conv C, BatchNorm and LeakyReLU between); its output is a sigmoid scaled to
-the data range (``clamp``), where the paper uses tanh and a final BatchNorm for standardised images. For inputs
+The generator follows the paper's DCGAN-style design (linear -> 2w channels at 1/4 resolution -> upsample ->
+conv 2w -> upsample -> conv w -> conv C, BatchNorm and LeakyReLU between; the paper's w is 64); its output is a
+sigmoid scaled to the data range (``clamp``), where the paper uses tanh and a final BatchNorm for standardised
+images. For inputs
 that are not images (``(L)`` or ``(C, L)``) a two-layer MLP generator is used. The student learning rate decays
 with a cosine schedule (the paper uses step decay).
 """
@@ -37,28 +38,34 @@ def discrepancy(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
 class Generator(nn.Module):
     """``G(z)``: noise ``(B, z_dim)`` -> inputs ``(B, *input_shape)`` in the ``clamp`` range (or unbounded)."""
 
-    def __init__(self, input_shape: Sequence[int], z_dim: int = 100, clamp: Optional[tuple[float, float]] = (0.0, 1.0)):
+    def __init__(self, input_shape: Sequence[int], z_dim: int = 100, clamp: Optional[tuple[float, float]] = (0.0, 1.0),
+                 width: int = 64):
         super().__init__()
         self.input_shape = tuple(int(s) for s in input_shape)
         self.z_dim = int(z_dim)
+        self.width = int(width)
         self.clamp = tuple(clamp) if clamp is not None else None
+        wide = 2 * self.width
         if len(self.input_shape) == 3:
             c, h, w = self.input_shape
             self.h0, self.w0 = math.ceil(h / 4), math.ceil(w / 4)
-            self.project = nn.Sequential(nn.Linear(self.z_dim, 128 * self.h0 * self.w0), nn.BatchNorm1d(128 * self.h0 * self.w0))
+            self.project = nn.Sequential(nn.Linear(self.z_dim, wide * self.h0 * self.w0),
+                                         nn.BatchNorm1d(wide * self.h0 * self.w0))
             self.body = nn.Sequential(
-                nn.Upsample(scale_factor=2), nn.Conv2d(128, 128, 3, padding=1, bias=False), nn.BatchNorm2d(128),
-                nn.LeakyReLU(0.2), nn.Upsample(scale_factor=2), nn.Conv2d(128, 64, 3, padding=1, bias=False),
-                nn.BatchNorm2d(64), nn.LeakyReLU(0.2), nn.Conv2d(64, c, 3, padding=1))
+                nn.Upsample(scale_factor=2), nn.Conv2d(wide, wide, 3, padding=1, bias=False), nn.BatchNorm2d(wide),
+                nn.LeakyReLU(0.2), nn.Upsample(scale_factor=2), nn.Conv2d(wide, self.width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(self.width), nn.LeakyReLU(0.2), nn.Conv2d(self.width, c, 3, padding=1))
         else:
             width = int(math.prod(self.input_shape))
-            self.project = nn.Sequential(nn.Linear(self.z_dim, 256), nn.BatchNorm1d(256), nn.LeakyReLU(0.2))
-            self.body = nn.Sequential(nn.Linear(256, 256), nn.BatchNorm1d(256), nn.LeakyReLU(0.2), nn.Linear(256, width))
+            self.project = nn.Sequential(nn.Linear(self.z_dim, 4 * self.width), nn.BatchNorm1d(4 * self.width),
+                                         nn.LeakyReLU(0.2))
+            self.body = nn.Sequential(nn.Linear(4 * self.width, 4 * self.width), nn.BatchNorm1d(4 * self.width),
+                                      nn.LeakyReLU(0.2), nn.Linear(4 * self.width, width))
 
     def forward(self, z: Tensor) -> Tensor:
         x = self.project(z)
         if len(self.input_shape) == 3:
-            x = self.body(x.view(-1, 128, self.h0, self.w0))[..., :self.input_shape[1], :self.input_shape[2]]
+            x = self.body(x.view(-1, 2 * self.width, self.h0, self.w0))[..., :self.input_shape[1], :self.input_shape[2]]
         else:
             x = self.body(x).view(-1, *self.input_shape)
         if self.clamp is None:
@@ -111,7 +118,7 @@ def train_dfad(teacher: nn.Module, student: nn.Module, input_shape, settings, *,
     eval mode; the student's parameters are updated in place."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        generator = Generator(input_shape, settings.z_dim, settings.clamp).to(device)
+        generator = Generator(input_shape, settings.z_dim, settings.clamp, settings.width).to(device)
     noise = torch.Generator(device="cpu").manual_seed(int(seed) + 1)
     teacher.eval()
     frozen = [p.requires_grad for p in teacher.parameters()]

@@ -21,6 +21,7 @@ from typing import Optional
 from torch import nn
 
 from kdistill.data import ArrayDataset, DataBundle, check_labels, concat, load_data
+from kdistill.data.augment import maybe_augment
 from kdistill.datafree.config import boundary_of, train_is_none
 from kdistill.datafree.inversion import has_batchnorm
 from kdistill.distiller import Distiller, split_taps
@@ -158,6 +159,7 @@ def _kd_student(job: SchemeJob, teacher: nn.Module, data: ArrayDataset) -> nn.Mo
     else:
         objective = Distiller(job.student(), teacher, terms, student_taps=student_taps, teacher_taps=teacher_taps)
     eval_fn = job.accuracy_eval(cfg.train)
+    data = maybe_augment(data, getattr(cfg.data, "augment", None), cfg.seed)  # shifts / flips of the transfer set
     return run_stage("student", objective, data, cfg.train, seed=cfg.seed + 3, eval_fn=eval_fn,
                      **job.stage_options)[0]
 

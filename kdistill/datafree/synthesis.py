@@ -67,7 +67,7 @@ def deepinversion_set(teacher: nn.Module, input_shape, num_classes: int, setting
                                 on_step=lambda step, terms: last.update(terms) if step == settings.steps - 1 else None)
         with torch.no_grad():
             hit = float((teacher(x).argmax(-1) == y).float().mean())
-        parts = ", ".join(f"{k} {float(v):.3g}" for k, v in last.items())
+        parts = ", ".join(f"{k} {float(v.detach()):.3g}" for k, v in last.items())
         log(f"synthesis: batch {i + 1}/{settings.batches} ({parts}; teacher predicts the target for "
             f"{100 * hit:.0f} %) {time.perf_counter() - start:.0f} s")
         return x, y
