@@ -164,8 +164,11 @@ class FSDPRun:
 
         set_model_state_dict(model, side.state_dict() if self.acc.is_main_process else {},
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        teacher = objective.teacher
         if self.dist.shard_teacher:
-            self._shard_teacher(objective.teacher)
+            self._shard_teacher(teacher)
+        elif teacher is not None and hasattr(teacher, "to"):  # whole on this process's device, as under DDP
+            teacher.to(self.acc.device)
         return model, optimizer
 
     def _shard_teacher(self, teacher) -> None:
