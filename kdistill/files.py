@@ -40,9 +40,10 @@ def fsync_dir(path: Path) -> None:
 
 def atomic_write_bytes(path: Path, *chunks: bytes) -> None:
     """Write the chunks to one file atomically: temp file in the same folder, fsync, rename. A failed write (full
-    disk, no permission) is a one-line `CheckpointError` and leaves no temp file behind."""
+    disk, no permission) is a one-line `CheckpointError` and leaves no temp file behind. The temp file is named
+    after the process, so processes of one launch writing the same file (the run's config.yaml) do not collide."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:
             for chunk in chunks:
