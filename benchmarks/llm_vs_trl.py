@@ -43,6 +43,12 @@ Usage::
     OMP_NUM_THREADS=1 python benchmarks/llm_vs_trl.py --json benchmarks/results/llm_vs_trl.json
     OMP_NUM_THREADS=1 python benchmarks/llm_vs_trl.py --quick --json /tmp/llm_vs_trl_quick.json
 
+``--memory-only`` runs only the memory subprocesses (``--memory-frameworks``), e.g. at another size
+(``--batch``, ``--seq-len``) or another kdistill ``--chunk-size``::
+
+    OMP_NUM_THREADS=1 python benchmarks/llm_vs_trl.py --memory-only --batch 8 --memory-frameworks kdistill trl_gc \
+        --json benchmarks/results/llm_vs_trl_mem_2048.json
+
 ``--quick``: random tiny Llamas built in code (vocabulary 49152, hidden 64; teacher 2 layers, student 1) on random
 token blocks: a smoke test of the wiring in about a minute, no SmolLM2 (its numbers are no result).
 """
@@ -87,6 +93,7 @@ class Settings:
     temperature: float = 1.0
     threads: int = 1
     mem_steps: int = 2
+    chunk_size: int = 256  # kdistill's chunked head loss: tokens per chunk (its default, DEFAULT_CHUNK_SIZE)
     student_layers: list = field(default_factory=lambda: [0, 9, 19, 29])
     articles: int = 12  # Wikipedia articles tokenized (the first ones, enough for the blocks)
 
@@ -204,7 +211,8 @@ def kdistill_job(models: dict, settings: Settings, record: Record, steps: int):
             return out
 
     distiller = TimedDistiller(models["student"], models["teacher"], divergence="forward_kl",
-                               temperature=settings.temperature, kd_weight=1.0, ce_weight=0.0)
+                               temperature=settings.temperature, kd_weight=1.0, ce_weight=0.0,
+                               chunk_size=settings.chunk_size)
     cfg = TrainConfig(steps=steps, batch_size=settings.batch, optimizer="adamw", lr=settings.lr, weight_decay=0.0,
                       schedule="constant", warmup_steps=0, clip_grad_norm=settings.clip, threads=settings.threads)
     engine = Engine(cfg, None, seed=SEED, progress=False, log=lambda line: None)
@@ -335,6 +343,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: 1)")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 4)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 256)")
+    parser.add_argument("--chunk-size", type=int, default=None, help="kdistill's chunk_size (default 256)")
+    parser.add_argument("--memory-only", action="store_true", help="no timing: only the memory subprocesses")
+    parser.add_argument("--memory-frameworks", nargs="+", default=["kdistill", "trl", "trl_gc"],
+                        choices=["kdistill", "trl", "trl_gc"], help="the memory subprocesses to run")
     parser.add_argument("--_child", nargs=2, metavar=("FRAMEWORK", "WORKDIR"), help=argparse.SUPPRESS)
     parser.add_argument("--_settings", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -344,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
         return result
 
     settings = Settings(**(QUICK if args.quick else {}))
-    for name in ("threads", "rounds", "steps"):
+    for name in ("threads", "rounds", "steps", "batch", "seq_len", "chunk_size"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     torch.set_num_threads(settings.threads)
@@ -372,45 +386,59 @@ def main(argv: list[str] | None = None) -> dict:
         result["models"] = prepare(workdir, settings, args.quick)
         result["prepare_s"] = time.perf_counter() - t0
         print(f"prepared in {result['prepare_s']:.1f} s: {result['models']}", flush=True)
-        result["timing"] = timing(workdir, settings, log=lambda line: print(line, flush=True))
+        if not args.memory_only:
+            result["timing"] = timing(workdir, settings, log=lambda line: print(line, flush=True))
         result["memory"] = {}
-        for framework in ("kdistill", "trl", "trl_gc"):
+        for framework in args.memory_frameworks:
             result["memory"][framework] = memory(framework, workdir, settings)
             print(f"memory {framework}: {result['memory'][framework]}", flush=True)
-    t, m = result["timing"], result["memory"]
+    summarize(result)
+    result["total_s"] = time.perf_counter() - t_start
+    result["load_average_at_end"] = os.getloadavg()
+    print_table(result, settings)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def summarize(result: dict) -> None:
+    """The headline numbers (ratios, losses) from the raw timing and memory records, in place."""
+    m = result["memory"]
     result["vocab"] = result["models"]["vocab"]
+    result["peak_mem_bytes"] = {f: m[f]["peak_mem_bytes"] for f in m}
+    result["peak_rss_bytes"] = {f: m[f]["peak_rss_bytes"] for f in m}
+    trl = [f for f in ("trl", "trl_gc") if f in m]
+    if "kdistill" in m and trl:
+        result["peak_mem_ratio"] = m["kdistill"]["peak_mem_bytes"] / min(m[f]["peak_mem_bytes"] for f in trl)
+        result["peak_rss_ratio"] = m["kdistill"]["peak_rss_bytes"] / min(m[f]["peak_rss_bytes"] for f in trl)
+    if "timing" not in result:
+        return
+    t = result["timing"]
     result["tokens_per_s"] = {f: t[f]["tokens_per_s"] for f in FRAMEWORKS}
     result["tokens_per_s_ratio"] = t["kdistill"]["tokens_per_s"] / t["trl"]["tokens_per_s"]
     result["tokens_per_s_ratio_per_round"] = [a / b for a, b in zip(t["kdistill"]["round_tokens_per_s"],
                                                                     t["trl"]["round_tokens_per_s"], strict=True)]
-    trl_mem = min(m["trl"]["peak_mem_bytes"], m["trl_gc"]["peak_mem_bytes"])
-    trl_rss = min(m["trl"]["peak_rss_bytes"], m["trl_gc"]["peak_rss_bytes"])
-    result["peak_mem_bytes"] = {f: m[f]["peak_mem_bytes"] for f in m}
-    result["peak_rss_bytes"] = {f: m[f]["peak_rss_bytes"] for f in m}
-    result["peak_mem_ratio"] = m["kdistill"]["peak_mem_bytes"] / trl_mem
-    result["peak_rss_ratio"] = m["kdistill"]["peak_rss_bytes"] / trl_rss
     first = {f: t[f]["losses"][0] for f in FRAMEWORKS}
     result["step0_loss"] = {f: first[f][0] for f in FRAMEWORKS}
     result["step0_loss_abs_diff"] = abs(first["kdistill"][0] - first["trl"][0])
     result["final_loss"] = {f: first[f][-1] for f in FRAMEWORKS}
     result["final_loss_abs_diff"] = abs(first["kdistill"][-1] - first["trl"][-1])
     result["max_step_loss_abs_diff"] = max(abs(a - b) for a, b in zip(first["kdistill"], first["trl"], strict=True))
-    result["total_s"] = time.perf_counter() - t_start
-    result["load_average_at_end"] = os.getloadavg()
 
+
+def print_table(result: dict, settings: Settings) -> None:
+    m = result["memory"]
     print(f"\nvocab {result['vocab']}, {settings.threads} thread(s), batch {settings.batch} x {settings.seq_len}")
     print(f"{'':>10} {'tokens/s':>10} {'peak MiB':>10} {'RSS MiB':>10} {'step-0 loss':>12} {'final loss':>12}")
-    for f in ("kdistill", "trl", "trl_gc"):
-        tps = f"{result['tokens_per_s'][f]:10.1f}" if f in FRAMEWORKS else f"{'-':>10}"
-        l0 = f"{result['step0_loss'][f]:12.6f}" if f in FRAMEWORKS else f"{'-':>12}"
-        lf = f"{result['final_loss'][f]:12.6f}" if f in FRAMEWORKS else f"{'-':>12}"
+    timed = "timing" in result
+    for f in m:
+        tps = f"{result['tokens_per_s'][f]:10.1f}" if timed and f in FRAMEWORKS else f"{'-':>10}"
+        l0 = f"{result['step0_loss'][f]:12.6f}" if timed and f in FRAMEWORKS else f"{'-':>12}"
+        lf = f"{result['final_loss'][f]:12.6f}" if timed and f in FRAMEWORKS else f"{'-':>12}"
         print(f"{f:>10} {tps} {m[f]['peak_mem_bytes'] / 2**20:10.1f} {m[f]['peak_rss_bytes'] / 2**20:10.1f} {l0} {lf}")
-    print(f"tokens_per_s_ratio {result['tokens_per_s_ratio']:.3f}  peak_mem_ratio {result['peak_mem_ratio']:.3f}  "
-          f"peak_rss_ratio {result['peak_rss_ratio']:.3f}  step0_loss_abs_diff {result['step0_loss_abs_diff']:.2e}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    print("  ".join(f"{k} {result[k]:.3g}" for k in ("tokens_per_s_ratio", "peak_mem_ratio", "peak_rss_ratio",
+                                                   "step0_loss_abs_diff") if k in result))
 
 
 if __name__ == "__main__":
