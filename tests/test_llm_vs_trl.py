@@ -1,21 +1,24 @@
 """The pieces of benchmarks/llm_vs_trl.py on tiny models: kdistill's token-level KD and TRL's GKDTrainer (lmbda=0,
 beta=0) set up as the benchmark does compute the same loss on the same batches, step after step, and it is the
-forward KL of the paper's definition computed independently in float64."""
+forward KL of the paper's definition computed independently in float64; the docs quote the committed result."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-pytest.importorskip("trl", reason="TRL is not installed (pip install trl): the kdistill-vs-TRL benchmark needs it")
 transformers = pytest.importorskip("transformers")
-pytest.importorskip("datasets", reason="TRL's trainers need the datasets package")
+needs_trl = pytest.mark.skipif(
+    importlib.util.find_spec("trl") is None or importlib.util.find_spec("datasets") is None,
+    reason="TRL (and its datasets dependency) is not installed (pip install trl): the benchmark's TRL side needs it")
+ROOT = Path(__file__).resolve().parents[1]
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "llm_vs_trl.py"
+_PATH = ROOT / "benchmarks" / "llm_vs_trl.py"
 _spec = importlib.util.spec_from_file_location("llm_vs_trl_bench", _PATH)
 bench = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = bench  # its dataclass looks its module up
@@ -49,6 +52,7 @@ def _forward_kl64(teacher, student, ids: torch.Tensor) -> float:
     return float((p * (log_p - log_q)).sum(-1).mean())
 
 
+@needs_trl
 def test_kdistill_and_trl_losses_agree_step_by_step():
     settings = bench.Settings(steps=3, batch=4, seq_len=16, lr=1e-3, threads=1)
     models = _models()
@@ -86,3 +90,28 @@ def test_windows_after_warmup():
     settings = bench.Settings(warmup=2, window=2)
     starts = [0.0, 5.0, 6.0, 7.5, 9.0, 10.0, 11.0, 12.5]
     assert bench.windows(starts, settings) == [3.0, 2.0]  # steps 2-3 and 4-5; 6-7 has no end mark
+
+
+def test_docs_quote_the_committed_result():
+    result = json.loads((ROOT / "benchmarks" / "results" / "llm_vs_trl.json").read_text())
+    text = " ".join((ROOT / "docs" / "llm.md").read_text().split())
+    assert not result["quick"] and result["vocab"] == 49152
+    mib = {f: f"{v / 2**20:,.0f} MiB" for f, v in result["peak_mem_bytes"].items()}
+    rss = {f: f"{v / 2**20:,.0f} MiB" for f, v in result["peak_rss_bytes"].items()}
+    tps = {f: f"{v:.1f}" for f, v in result["tokens_per_s"].items()}
+    assert (f"| training tokens/s (median of 8 windows) | {tps['kdistill']} | {tps['trl']} | - |") in text
+    assert f"| peak training memory | {mib['kdistill']} | {mib['trl']} | {mib['trl_gc']} |" in text
+    assert f"| peak RSS of the process | {rss['kdistill']} | {rss['trl']} | {rss['trl_gc']} |" in text
+    loss0, loss_end = result["step0_loss"], result["final_loss"]
+    assert f"| loss at step 0 (the same first batch) | {loss0['kdistill']:.6f} | {loss0['trl']:.6f} | - |" in text
+    assert f"| loss at the 6th (last) step | {loss_end['kdistill']:.6f} | {loss_end['trl']:.6f} | - |" in text
+    assert f"kdistill {result['tokens_per_s_ratio']:.2f}x TRL's tokens/s" in text
+    rounds = result["tokens_per_s_ratio_per_round"]
+    assert f"the two rounds gave {rounds[0]:.2f}x and {rounds[1]:.2f}x" in text
+    assert f"Memory: {result['peak_mem_ratio']:.3f}x" in text
+    no_gc = result["peak_mem_bytes"]["kdistill"] / result["peak_mem_bytes"]["trl"]
+    assert f"{no_gc:.3f}x against TRL without it" in text
+    assert f"is {result['peak_rss_ratio']:.2f}x (`peak_rss_ratio`)" in text
+    assert f"(`step0_loss_abs_diff` {result['step0_loss_abs_diff']}" in text
+    assert f"within {result['max_step_loss_abs_diff']:.2g} (`max_step_loss_abs_diff`)" in text
+    assert result["settings"]["steps"] == 6 and result["settings"]["threads"] == 1
