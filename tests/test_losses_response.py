@@ -477,7 +477,7 @@ def test_registry_names_aliases_and_label_convention():
     assert get_loss("at") is get_loss("attention_transfer")
     assert get_loss("sp") is get_loss("similarity_preserving")
     assert get_loss("cc") is get_loss("correlation_congruence")
-    assert [n for n in loss_names() if get_loss(n).module is not None] == ["crd"]
+    assert [n for n in loss_names() if get_loss(n).module is not None] == ["adversarial", "crd"]
     assert get_loss("crd").module is CRDLoss
     assert [n for n in loss_names() if get_loss(n).needs_labels] == ["ce", "dkd"]
     assert [n for n in loss_names() if get_loss(n).sparse] == ["jsd", "kd", "kl", "skew_kl", "tvd"]
