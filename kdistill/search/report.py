@@ -87,7 +87,7 @@ def render(record: dict, out: Path) -> str:
     parts.append(Section("trials-plot", "Trials and Pareto front", body, x_metric is not None))
     if best is not None:
         config = Path(best["config"]).read_text() if Path(best["config"]).is_file() else ""
-        values = yaml.safe_dump(best["values"], sort_keys=False)
+        values = yaml.safe_dump(best["values"], sort_keys=False, default_flow_style=None)
         body = (f"<p>trial {best['number']}: top-1 {100 * best['metrics']['top1']:.2f} %, latency "
                 f"{best['metrics']['latency_ms']:.4f} ms, {best['metrics']['bytes']} bytes "
                 f"({esc(best['metrics'].get('artifact', ''))} on {esc(best['metrics'].get('runtime', ''))}). "
