@@ -231,12 +231,17 @@ class FSDPRun:
     def finish(self, objective, model: nn.Module) -> nn.Module:
         """The trained weights in the plain side, the teacher's own model back: the plain side."""
         self.sync(objective, model)
+        self.release(objective)
+        return objective.side
+
+    def release(self, objective) -> None:
+        """The teacher's own model back and the objective calling its plain side (also after an error)."""
         if self.teacher is not None:
             self.teacher.model = self.plain_teacher
             for name in ("outputs", "grad_free"):
                 self.teacher.__dict__.pop(name, None)
             self.teacher = self.plain_teacher = None
-        return objective.side
+        objective.module = objective.side
 
     @staticmethod
     def plain_batch(batch: dict, side: nn.Module) -> dict:

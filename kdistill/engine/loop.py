@@ -142,6 +142,8 @@ class Engine:
             threads.close()
             if self.tracking is not None:
                 self.tracking.close()
+            if self.fsdp is not None:  # also after an error or a signal: the caller's teacher and side, plain
+                self.fsdp.release(run.objective)
 
     def _threads(self, run: _Run) -> ThreadControl:
         """The thread count of this run's steps (`kdistill.engine.threads`), begun at its first step."""
@@ -305,6 +307,7 @@ class Engine:
         if grad_norm is None and acc.scaler is None:
             # a finite loss can still give a NaN/Inf gradient (e.g. sqrt at 0)
             grads = [p.grad for p in run.params if p.grad is not None]
+            grads = grads if self.fsdp is None else self.fsdp.local(grads)  # each process checks its shards
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
         bad = ~torch.isfinite(sum(step_terms.values()))
         if grad_norm is not None and acc.scaler is None:  # with fp16 the grad-scaler skips inf steps
