@@ -254,6 +254,10 @@ def test_data_free_run_never_reads_the_training_split(tiny_fashion, monkeypatch,
         # the rerun reuses the finished stage and the synthesised set
         again = _run(cfg, out, progress=False, log=lambda line: None)
         assert again["data_free"]["synthesis"]["batches_made"] == 0
+        from kdistill.tasks.classification import _evaluate
+
+        evaluated = _evaluate(out, log=lambda line: None)  # kdistill eval RUN_DIR: still without the training split
+        assert evaluated["student"]["accuracy"] == pytest.approx(summary["student"]["accuracy"])
 
 
 def _cli_error(tmp_path, capsys, cfg):

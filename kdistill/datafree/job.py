@@ -32,7 +32,7 @@ from kdistill.schemes.common import TEACHER_SEED, SchemeJob
 from kdistill.tasks import dump_config, load_resolved
 from kdistill.tasks.job import RunDir, run_stage
 
-__all__ = ["load_test_only", "run", "uses_datafree"]
+__all__ = ["evaluate_run_dir", "load_test_only", "run", "uses_datafree"]
 
 
 def uses_datafree(cfg) -> bool:
@@ -193,3 +193,36 @@ def _dfad_student(job: SchemeJob, teacher: nn.Module, info: dict) -> nn.Module:
     if weights is not None:
         save_weights(weights, student.state_dict())
     return student
+
+
+def evaluate_run_dir(run_dir: Path, *, log=print, trust_checkpoint: bool = False) -> dict:
+    """``kdistill eval RUN_DIR`` of a finished data-free run: teacher and student re-evaluated (the training split
+    is not read with ``data.train: none``); written to ``RUN_DIR/eval-<time>.json`` like the offline scheme's."""
+    import time
+
+    from kdistill.errors import KDError
+    from kdistill.schemes.common import load_configured_weights
+    from kdistill.schemes.offline import summarize, teacher_path
+    from kdistill.tasks import load_resolved
+
+    run_dir = Path(run_dir)
+    cfg = load_resolved(run_dir / "config.yaml")
+    if not (run_dir / "student.safetensors").is_file():
+        raise KDError(f"{run_dir} is not finished: stage student has no weights yet",
+                      fix=f"resume with: kdistill run {run_dir}")
+    job = _start(cfg, run_dir, log=log, trust_checkpoint=trust_checkpoint)
+    teacher = job.model(cfg.teacher, cfg.seed + TEACHER_SEED, "teacher")
+    if cfg.teacher.weights:
+        load_configured_weights(teacher, cfg.teacher, "teacher", trust=trust_checkpoint)
+    else:
+        teacher.load_state_dict(load_state_dict_file(teacher_path(cfg, run_dir), where="teacher.safetensors"))
+    student = job.student()
+    student.load_state_dict(load_state_dict_file(run_dir / "student.safetensors", where="student.safetensors"))
+    baseline = None
+    if (run_dir / "baseline.safetensors").is_file():
+        baseline = job.student()
+        baseline.load_state_dict(load_state_dict_file(run_dir / "baseline.safetensors", where="baseline.safetensors"))
+    summary = summarize(teacher.eval(), student.eval(), baseline, job)
+    name = f"eval-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    job.run_dir.write_summary(summary, name=name)
+    return {**summary, "file": str(run_dir / name)}

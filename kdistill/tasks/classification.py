@@ -30,7 +30,16 @@ def _build_cache(cfg: RunConfig, run_dir, **options):
 
 
 def _evaluate(run_dir, **options) -> dict:
+    from pathlib import Path
+
+    from kdistill.datafree.job import uses_datafree
     from kdistill.schemes.offline import evaluate_run_dir
+    from kdistill.tasks import load_resolved
+
+    if (Path(run_dir) / "config.yaml").is_file() and uses_datafree(load_resolved(Path(run_dir) / "config.yaml")):
+        from kdistill.datafree.job import evaluate_run_dir as evaluate_datafree
+
+        return evaluate_datafree(run_dir, **options)
 
     return evaluate_run_dir(run_dir, **options)
 
