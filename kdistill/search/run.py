@@ -127,6 +127,13 @@ def _run_workers(spec: dict, jobs: int, log) -> None:
         err.signal = "SIGINT"
         raise err from None
     bad = [(p.name, p.exitcode) for p in procs if p.exitcode]
+    if bad and all(code in (130, 143, -2, -15) for _, code in bad):  # SIGINT / SIGTERM: the workers checkpointed
+        from kdistill.engine import Interrupted
+
+        err = Interrupted("search interrupted; finished trials are kept in the storage and interrupted ones resume "
+                          "from their checkpoints", fix="run the same command again to resume")
+        err.signal = "SIGTERM" if any(code in (143, -15) for _, code in bad) else "SIGINT"
+        raise err
     if bad:
         raise KDError(f"search worker(s) stopped: {', '.join(f'{n} (exit {c})' for n, c in bad)}",
                       fix="see the messages above; run the same command again to resume (finished trials are "
