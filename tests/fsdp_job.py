@@ -4,7 +4,8 @@ final student is ``OUT/student.safetensors`` (a plain safetensors file, written 
 ``--bf16-stage`` then runs a second stage ``bf16`` in the same processes: bf16 compute, the teacher whole on every
 process, no activation checkpointing, gathered weights kept between forward and backward; ``--encoder-stage`` a
 stage ``encoder``: TinyBERT-style layer terms from a BERT teacher to a narrower student through learned projections
-(built on the first batch, so each process starts from process 0's)."""
+(built on the first batch, so each process starts from process 0's); ``--task`` the whole ``task: causal_lm`` job
+of tests/test_task_causal_lm.py in ``OUT/task`` (KD arm from a top-k teacher cache, CE arm, perplexities)."""
 
 from __future__ import annotations
 
@@ -99,6 +100,23 @@ def run_encoder_job(out: str, world: int) -> dict:
     return {"student": student, "result": result, "objective": objective}
 
 
+def run_task(out: str, world: int) -> dict:
+    import json
+    from pathlib import Path
+
+    from kdistill.tasks import get_task, load_any
+    from tests.test_task_causal_lm import CONFIG, CharTokenizer, articles, tiny_teacher
+
+    path = Path(out).with_name(f"{Path(out).name}-{os.environ.get('RANK', 0)}.yaml")  # one file per process
+    path.write_text(CONFIG)
+    sets = ["train.steps=4", "data.max_train_blocks=8", f"train.batch_size={GLOBAL_BATCH // world}",
+            "train.checkpoint_every=2", "teacher.cache.kind=topk", "teacher.cache.k=8"]
+    _, cfg = load_any(path, sets + (["train.distributed.kind=fsdp2"] if world > 1 else []))
+    summary = get_task("causal_lm").run(cfg, out, progress=False, log=lambda line: None, teacher=tiny_teacher(),
+                                        tokenizer=CharTokenizer(), articles=articles())
+    return json.loads((Path(out) / "summary.json").read_text()) if summary else {}
+
+
 def run_job(out: str, world: int, overrides: list[str] = (), kill_at: int | None = None,
             stage: str = "student") -> dict:
     from kdistill.llm.data import block_dataset
@@ -124,6 +142,8 @@ def main(argv: list[str]) -> None:
         jobs.append(run_job(out, int(os.environ["WORLD_SIZE"]), BF16, stage="bf16"))
     if "--encoder-stage" in rest:
         jobs.append(run_encoder_job(out, int(os.environ["WORLD_SIZE"])))
+    if "--task" in rest:
+        run_task(os.path.join(out, "task"), int(os.environ["WORLD_SIZE"]))
     for job in jobs:  # after the fit the caller's models are plain again: whole weights, no FSDP classes
         student, teacher = job["student"], job["objective"].teacher
         assert not type(student).__name__.startswith("FSDP") and not type(teacher.model).__name__.startswith("FSDP")

@@ -4,6 +4,7 @@ unkilled run; bf16 with a whole teacher runs; bad settings are one-line errors."
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from kdistill.errors import ConfigError  # noqa: E402
 from kdistill.train_config import DistributedConfig, TrainConfig  # noqa: E402
 
 from tests.conftest import tiny_config  # noqa: E402
-from tests.fsdp_job import run_encoder_job, run_job, tiny_llama  # noqa: E402
+from tests.fsdp_job import run_encoder_job, run_job, run_task, tiny_llama  # noqa: E402
 
 JOB = Path(__file__).with_name("fsdp_job.py")
 PORT = 29531
@@ -47,9 +48,9 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def unkilled(tmp_path_factory) -> Path:
     """The FSDP2 run (activation checkpointing, sharded teacher, 2 micro-batches per step), never interrupted;
-    then, in the same processes, a stage in bf16 with a whole teacher and an encoder stage."""
+    then, in the same processes, a stage in bf16 with a whole teacher, an encoder stage and a causal_lm task."""
     out = tmp_path_factory.mktemp("fsdp") / "unkilled"
-    torchrun(out, "--set", "grad_accum=2", "--bf16-stage", "--encoder-stage")
+    torchrun(out, "--set", "grad_accum=2", "--bf16-stage", "--encoder-stage", "--task")
     return out
 
 
@@ -72,6 +73,15 @@ def test_fsdp2_encoder_distillation_matches_one_process(unkilled, tmp_path):
     assert one.keys() == two.keys() and not any("adapters" in k for k in one)
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=2e-5, msg=name)
+
+
+def test_causal_lm_task_under_fsdp2_matches_one_process(unkilled, tmp_path):
+    """The whole job (top-k teacher cache, KD and CE stages, perplexities, export) with a sharded student."""
+    one, two = run_task(str(tmp_path / "task"), world=1), json.loads((unkilled / "task" / "summary.json").read_text())
+    assert two["objective"]["teacher"] == "cache" and (unkilled / "task" / "student" / "config.json").is_file()
+    for key in ("teacher_ppl", "student_init_ppl", "student_kd_ppl", "student_ce_ppl"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5), key
+    assert two["student_kd_ppl"] < two["student_init_ppl"]  # trained
 
 
 def test_killed_fsdp2_run_resumes_to_the_unkilled_weights(unkilled, tmp_path):
