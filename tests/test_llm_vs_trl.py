@@ -115,3 +115,16 @@ def test_docs_quote_the_committed_result():
     assert f"(`step0_loss_abs_diff` {result['step0_loss_abs_diff']}" in text
     assert f"within {result['max_step_loss_abs_diff']:.2g} (`max_step_loss_abs_diff`)" in text
     assert result["settings"]["steps"] == 6 and result["settings"]["threads"] == 1
+    # the memory-only runs at other sizes
+    big = json.loads((ROOT / "benchmarks" / "results" / "llm_vs_trl_mem_2048.json").read_text())
+    small_chunk = json.loads((ROOT / "benchmarks" / "results" / "llm_vs_trl_mem_chunk128.json").read_text())
+    assert big["settings"]["batch"] * big["settings"]["seq_len"] == 2048
+    assert small_chunk["settings"]["chunk_size"] == 128
+    m = {name: {f: f"{v / 2**20:,.0f} MiB" for f, v in r["peak_mem_bytes"].items()}
+         for name, r in (("big", big), ("chunk", small_chunk))}
+    assert (f"kdistill needs {m['big']['kdistill']} and TRL {m['big']['trl_gc']}: **{big['peak_mem_ratio']:.3f}x** "
+            f"(whole process {big['peak_rss_ratio']:.3f}x)") in text
+    assert (f"measured {m['chunk']['kdistill']} against TRL's {m['chunk']['trl_gc']} "
+            f"({small_chunk['peak_mem_ratio']:.3f}x), more than the {mib['kdistill']}") in text
+    moved = abs(small_chunk["peak_mem_bytes"]["trl_gc"] - result["peak_mem_bytes"]["trl_gc"]) / 2**20
+    assert f"TRL's figure moved by {moved:.0f} MiB between the two runs" in text
