@@ -13,7 +13,7 @@ decay, constant schedule without warm-up, gradient clipping at 1.0, float32, the
 * TRL: ``trl.experimental.gkd.GKDTrainer`` with ``lmbda=0`` (never on-policy: pure token-level KD on the data),
   ``beta=0`` (its generalized JSD is then ``F.kl_div(student_log_probs, teacher_log_probs, log_target=True)``,
   i.e. KL(teacher || student): forward KL), ``seq_kd=False``; ``bf16=False`` (same dtype), the same optimizer
-  settings, ``gradient_checkpointing=False`` for the timed runs (TRL's config default is ``True``: slower, and
+  settings, ``activation_checkpointing=False`` for the timed runs (TRL's config default turns it on: slower, and
   measured separately for memory as ``trl_gc``). In TRL 1.16 ``GKDTrainer.compute_loss`` calls the loss at its
   default temperature 1 (``GKDConfig.temperature`` only sets the sampling temperature of on-policy
   generation), so the comparison uses temperature 1. TRL's stable ``DistillationTrainer`` (which has a chunked
@@ -23,12 +23,13 @@ Measured:
 
 * tokens/s: all jobs run in this one process at a fixed thread count, interleaved by rounds (round r runs
   kdistill then TRL, or TRL then kdistill, alternating), each job from the same initial student for ``--steps``
-  steps. A step's start is marked by the framework's own per-step hook (kdistill: the objective's ``set_step``;
-  TRL: ``TrainerCallback.on_step_begin``); after ``--warmup`` steps, windows of ``--window`` steps are timed
+  steps (`Settings`: 6 steps, 2 rounds, batch 4 x 256 tokens, one thread). A step's start is marked by the
+  framework's own per-step hook (kdistill: the objective's ``set_step``; TRL: ``TrainerCallback.on_step_begin``);
+  after ``Settings.warmup`` steps (1), windows of ``Settings.window`` steps (1) are timed
   (wall time from a step's start to the start of the step ``window`` later: data, teacher, student, loss,
   backward, clipping, optimizer, the framework's bookkeeping). tokens/s = ``window * batch * seq_len`` / window
   time; reported: the median over all windows of all rounds (and every window).
-* peak memory: each framework once more in a fresh subprocess (``--mem-steps`` steps). After the models, the data
+* peak memory: each framework once more in a fresh subprocess (``Settings.mem_steps`` steps: 2). After the models, the data
   and the trainer are built, the process resets its RSS high-water mark (``5 > /proc/self/clear_refs`` resets
   ``VmHWM``) and records its RSS; ``peak_mem`` = ``VmHWM`` after training - that RSS: the extra resident memory
   training needs at its peak (activations, logits, gradients, optimizer state), the models excluded.
