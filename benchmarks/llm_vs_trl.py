@@ -32,7 +32,8 @@ Measured:
 * peak memory: each framework once more in a fresh subprocess (``Settings.mem_steps`` steps: 2). After the
   models, the data and the trainer are built, the process resets its RSS high-water mark
   (``5 > /proc/self/clear_refs`` resets ``VmHWM``) and records its RSS; ``peak_mem`` = ``VmHWM`` after
-  training - that RSS: the extra resident memory training needs at its peak (activations, logits, gradients, optimizer state), the models excluded.
+  training - that RSS: the extra resident memory training needs at its peak (activations, logits, gradients,
+  optimizer state), the models excluded.
   ``peak_rss`` = the whole child process's high-water mark (the larger of ``VmHWM`` before the reset and after
   training: models, libraries and loading included; not ``ru_maxrss``, which a child inherits from the parent
   it was forked from) is reported too. ``peak_mem_ratio`` = kdistill / the lower of TRL's two settings.
