@@ -104,3 +104,33 @@ def test_methods_doc_tables():
     for name, result in (("full labels", full), ("1,000 labels + transfer set", few)):
         kd, scratch = report.row_of(result, "KD"), report.row_of(result, "scratch")
         assert f"{name} KD {100 * kd['top1_mean']:.2f} vs scratch {100 * scratch['top1_mean']:.2f}" in results_md
+
+
+def test_audit_doc_numbers():
+    """docs/audit.md's benchmark tables and sentences are benchmarks/results/audit.json's numbers."""
+    r = load("audit.json")
+    text = " ".join((ROOT / "docs" / "audit.md").read_text().split())
+    n, c, d = r["backdoor_seeds"], r["clean_seeds"], r["by_detector"]
+    assert (f"| combined (the rule above) | {r['backdoor_flagged']} of {n} | {r['backdoor_target_correct']} of {n} | "
+            f"{r['clean_false_alarms']} of {c} |") in text
+    for name, label in (("neural_cleanse", "trigger reconstruction alone"), ("strip", "STRIP alone")):
+        assert (f"| {label} | {d[name]['backdoor_flagged']} of {n} | {d[name]['backdoor_target_correct']} of {n} | "
+                f"{d[name]['clean_false_alarms']} of {c} |") in text
+    for b in r["backdoor"]:
+        assert (f"| {b['seed']} | {b['target']} | {100 * b['teacher_top1']:.1f} % | "
+                f"{100 * b['audit']['strip_fraction_below']:.1f} % | {b['audit']['strip_suspected_class']} | "
+                f"{b['audit']['anomaly_score']:.2f} |") in text
+        assert (f"| {100 * b['teacher_attack_success']:.1f} % | {100 * b['student_attack_success']:.1f} % | "
+                f"{100 * b['student_clean_data_attack_success']:.1f} % |") in text
+    for cl in r["clean"]:
+        assert (f"| {cl['seed']} | {100 * cl['teacher_top1']:.1f} % | {100 * cl['audit']['strip_fraction_below']:.1f} % "
+                f"| {cl['audit']['anomaly_score']:.2f} |") in text
+    assert (f"sends {100 * r['student_attack_success']:.1f} % (std {100 * r['student_attack_success_std']:.1f})"
+            in text)
+    assert f"it does not**: {100 * r['student_clean_data_attack_success']:.1f} %" in text
+    # the issue's keys are there; the verdicts stated in the prose hold
+    assert {"backdoor_flagged", "backdoor_target_correct", "clean_false_alarms", "clean_seeds",
+            "student_attack_success"} <= set(r)
+    assert d["strip"]["backdoor_target_correct"] == n and d["strip"]["clean_false_alarms"] == 0
+    assert d["neural_cleanse"]["clean_false_alarms"] == c and all(cl["audit"]["min_norm_class"] == 8
+                                                                  for cl in r["clean"])
