@@ -123,8 +123,9 @@ def test_audit_doc_numbers():
         assert (f"| {100 * b['teacher_attack_success']:.1f} % | {100 * b['student_attack_success']:.1f} % | "
                 f"{100 * b['student_clean_data_attack_success']:.1f} % |") in text
     for cl in r["clean"]:
-        assert (f"| {cl['seed']} | {100 * cl['teacher_top1']:.1f} % | {100 * cl['audit']['strip_fraction_below']:.1f} % "
-                f"| {cl['audit']['anomaly_score']:.2f} |") in text
+        audit = cl["audit"]
+        assert (f"| {cl['seed']} | {100 * cl['teacher_top1']:.1f} % | {100 * audit['strip_fraction_below']:.1f} % "
+                f"| {audit['anomaly_score']:.2f} |") in text
     assert (f"sends {100 * r['student_attack_success']:.1f} % (std {100 * r['student_attack_success_std']:.1f})"
             in text)
     assert f"it does not**: {100 * r['student_clean_data_attack_success']:.1f} %" in text
@@ -134,3 +135,13 @@ def test_audit_doc_numbers():
     assert d["strip"]["backdoor_target_correct"] == n and d["strip"]["clean_false_alarms"] == 0
     assert d["neural_cleanse"]["clean_false_alarms"] == c and all(cl["audit"]["min_norm_class"] == 8
                                                                   for cl in r["clean"])
+
+
+def test_readme_audit_sentence():
+    r = load("audit.json")
+    text = " ".join((ROOT / "README.md").read_text().split())
+    strip = r["by_detector"]["strip"]
+    assert (f"STRIP found all {strip['backdoor_target_correct']} and their targets with no false alarm on "
+            f"{r['clean_seeds']} clean teachers") in text and strip["backdoor_target_correct"] == r["backdoor_seeds"]
+    assert strip["clean_false_alarms"] == 0
+    assert f"false alarm on all {r['by_detector']['neural_cleanse']['clean_false_alarms']} clean teachers" in text
