@@ -291,3 +291,17 @@ def test_text_view_with_byte_fallback_pieces_whitespace_multi_token_words_and_sp
     assert v["y"][0, 0] == -100 and t_tok[0] == "</s>" and v["teacher_offsets"][0, 0].tolist() == [0, 0]  # no text
     assert int(v["chars"][0]) == len(text) and texts_of(view) == [text]
     assert bits_per_char.__doc__ and isinstance(KDError("x"), Exception)
+
+
+def test_docs_quote_the_committed_benchmark_numbers():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = json.loads((root / "benchmarks" / "results" / "cross_tokenizer.json").read_text())
+    docs = (root / "docs" / "llm.md").read_text()
+    for arm in ("ce", "uld", "gold"):
+        stats = result["stats"][arm]
+        assert f"{stats['mean']:.4f} ± {stats['std']:.4f}" in docs, arm
+        assert result[f"bpc_{arm}"] == pytest.approx(stats["mean"])
+    assert f"teacher {result['bpc_teacher']:.4f} bits/char" in docs
+    assert result["acceptance"]["met"] == ("**met**" in docs) and result["steps"] == result["plan"]["steps"]
