@@ -1,7 +1,7 @@
 """Data-free distillation on Fashion-MNIST (DeepInversion, DFAD vs real data vs noise), adversarial terms, tabular.
 
-Fashion-MNIST: a BatchNorm CNN teacher is trained on the real training split; students (a 4x narrower CNN) are
-then distilled (KD, T = 4) from it with
+Fashion-MNIST: a BatchNorm CNN teacher is trained on the real training split; students (the teacher's
+architecture, freshly initialised, as in DeepInversion's ImageNet data-free KD) are then distilled (KD, T = 4) with
 * ``deepinversion``: inputs synthesised from the teacher's BatchNorm statistics (`kdistill.datafree.synthesis`),
 * ``dfad``: a generator trained against the student (`kdistill.datafree.dfad`; here with the BatchNorm-statistics
   term on the generator, ``bn_weight`` 1, and a narrow generator, ``width`` 16, to fit the CPU budget),
@@ -57,8 +57,8 @@ def settings(quick: bool) -> dict:
                 "adversarial": {"subset": 500, "steps": 20, "disc_weight": 0.3,
                                 "boundary": {"fraction": 0.5, "steps": 2}},
                 "test_size": 1000}
-    return {"seeds": 3, "teacher_channels": [16, 32, 64], "student_channels": [8, 16, 32], "teacher_steps": 1000,
-            "student_steps": 500, "batch_size": 128, "lr": 1e-2, "student_augment": {"max_shift": 2, "flip": True},
+    return {"seeds": 3, "teacher_channels": [16, 32, 64], "student_channels": [16, 32, 64], "teacher_steps": 1000,
+            "student_steps": 1500, "batch_size": 128, "lr": 1e-2, "student_augment": {"max_shift": 2, "flip": True},
             "deepinversion": {"batches": 20, "batch_size": 128, "steps": 80, "lr": 0.15, "bn_weight": 10.0,
                               "first_bn_weight": 10.0},
             "dfad": {"iterations": 120, "student_steps": 5, "batch_size": 96, "width": 16, "bn_weight": 1.0},
