@@ -160,3 +160,20 @@ def test_search_resumes_runs_workers_on_one_storage_and_best_reproduces(tmp_path
     assert main(["run", str(out / "best.yaml"), "--out", str(tmp_path / "again"), "--no-progress"]) == 0
     again = json.loads((tmp_path / "again" / "summary.json").read_text())
     assert again["student"]["accuracy"] == pytest.approx(best["metrics"]["top1"], abs=1e-9)
+
+
+def test_docs_quote_the_committed_benchmark():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = json.loads((root / "benchmarks" / "results" / "search.json").read_text())
+    text = " ".join((root / "docs" / "search.md").read_text().split())
+    for key, scale, fmt in (("default_top1", 100, ".2f"), ("best_top1", 100, ".2f"),
+                            ("default_latency_ms", 1, ".4f"), ("best_latency_ms", 1, ".4f")):
+        s = result[key]
+        assert f"{scale * s['mean']:{fmt}} ± {scale * s['std']:{fmt}}" in text, key
+    assert f"latency_ms<={result['constraint_latency_ms']}" in text
+    assert f"+{result['best_minus_default_points']:.2f} points" in text
+    assert f"{result['trials']} finished trials, {result['feasible_trials']} feasible" in text
+    assert f"trial {result['best_trial']['number']}" in text and result["git_revision"][:7] in text
+    assert len(result["seeds"]) >= 3 and result["dataset"] == "fashion_mnist"
