@@ -95,7 +95,7 @@ def test_synthesis_lowers_the_loss_and_leaves_the_teacher_untouched():
     settings = DeepInversionConfig(batches=1, batch_size=12, steps=8, lr=0.1, jitter=1)
     seen = []
     x, y = synthesize_batch(model, (1, 8, 8), 3, settings, seed=1,
-                            on_step=lambda step, terms: seen.append(float(sum(terms.values()))))
+                            on_step=lambda step, terms: seen.append(float(sum(terms.values()).detach())))
     assert x.shape == (12, 1, 8, 8) and float(x.min()) >= 0 and float(x.max()) <= 1
     assert sorted(torch.bincount(y).tolist()) == [4, 4, 4]  # every class equally often
     assert seen[-1] < seen[0]
