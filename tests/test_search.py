@@ -94,7 +94,7 @@ def test_constraint_violation_excludes_a_better_trial_from_best():
     assert pick_best([trials[0]], ["top1"]) is None
 
 
-def test_search_resumes_runs_workers_on_one_storage_and_best_reproduces(tmp_path, monkeypatch):
+def test_search_resumes_with_workers_on_one_storage_and_best_reproduces(tmp_path, monkeypatch):
     import kdistill.tasks as tasks
 
     path = write(tmp_path, search_config())
@@ -102,7 +102,7 @@ def test_search_resumes_runs_workers_on_one_storage_and_best_reproduces(tmp_path
     real_get_task = tasks.get_task
     calls = []
 
-    def counting(kill_at=None):
+    def killing(kill_at):
         task = real_get_task("classification")
 
         def run(cfg, run_dir, **options):
@@ -116,35 +116,30 @@ def test_search_resumes_runs_workers_on_one_storage_and_best_reproduces(tmp_path
 
     from kdistill.search import search
 
-    monkeypatch.setattr(tasks, "get_task", counting(kill_at=2))
+    monkeypatch.setattr(tasks, "get_task", killing(kill_at=2))
     with pytest.raises(KeyboardInterrupt):
         search(path, trials=2, out=out, log=lambda *a: None)
     study = optuna.load_study(study_name="kdistill", storage=f"sqlite:///{out / 'search.db'}")
     assert [t.state.name for t in study.trials] == ["COMPLETE", "RUNNING"]
     done_before = (out / "trials" / "0000" / "summary.json").stat().st_mtime_ns
 
-    # resumed: the finished trial is kept, the killed one re-queued (same values, same run directory), one more
-    calls.clear()
-    monkeypatch.setattr(tasks, "get_task", counting())
-    record = search(path, trials=3, out=out, log=lambda *a: None)
-    assert calls == ["0001", "0003"]
+    # resumed by two worker processes on the same storage: the finished trial is kept (not run again), the killed
+    # one re-queued (same values, its run directory), one more run; exactly 3 finished trials, none repeated
+    monkeypatch.setattr(tasks, "get_task", real_get_task)
+    assert main(["search", str(path), "--trials", "3", "--jobs", "2", "--out", str(out)]) == 0
+    record = json.loads((out / "search.json").read_text())
     states = {t["number"]: t["state"] for t in record["trials"]}
     assert states == {0: "COMPLETE", 1: "FAIL", 2: "COMPLETE", 3: "COMPLETE"}
     by_number = {t["number"]: t for t in record["trials"]}
     assert by_number[2]["values"] == by_number[1]["values"] and by_number[2]["requeued_from"] == 1
-    assert by_number[2]["run_dir"].endswith("0001")
+    assert by_number[2]["run_dir"].endswith("0001") and (out / "trials" / "0001" / "partial").is_dir()
     assert (out / "trials" / "0000" / "summary.json").stat().st_mtime_ns == done_before
+    assert {by_number[n]["worker"] for n in (2, 3)} <= {0, 1} and by_number[0]["worker"] == 0
+    done = [t for t in record["trials"] if t["state"] == "COMPLETE"]
+    assert len({t["run_dir"] for t in done}) == 3 and list(out.glob("*.db")) == [out / "search.db"]
     # the teacher was trained once and every trial read its weights
     assert (out / "teacher" / "teacher.safetensors").is_file()
     assert not list((out / "trials").glob("*/teacher.safetensors"))
-
-    # two worker processes on the same storage finish the study: exactly 5 finished trials, none repeated
-    monkeypatch.setattr(tasks, "get_task", real_get_task)
-    assert main(["search", str(path), "--trials", "5", "--jobs", "2", "--out", str(out)]) == 0
-    record = json.loads((out / "search.json").read_text())
-    done = [t for t in record["trials"] if t["state"] == "COMPLETE"]
-    assert len(done) == 5 and {t["worker"] for t in done[3:]} <= {0, 1}
-    assert len({t["run_dir"] for t in done}) == 5 and list(out.glob("*.db")) == [out / "search.db"]
 
     # the constraint keeps the wide student out of the best and the Pareto front
     best = record["best"]

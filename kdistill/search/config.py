@@ -104,7 +104,7 @@ class SearchConfig(Strict):
                                   "accuracy), and optionally latency_ms / bytes / params (minimized)")
     constraints: list[str] = Field(default_factory=list, description="hard limits, e.g. latency_ms<=2, bytes<=200000")
     study_name: str = Field("kdistill", description="the study's name in the storage")
-    seed: int = Field(0, description="the sampler's seed (worker k uses seed + k)")
+    seed: int = Field(0, description="the sampler's seed (worker k uses seed + k + the trials already held)")
     threads: int = Field(1, ge=1, description="CPU threads of the trials' latency measurement (eval.threads)")
     share_teacher: bool = Field(True, description="train the teacher once (DIR/teacher) and give every trial its "
                                 "weights (not possible when the space changes the teacher, the data or the seed)")

@@ -50,15 +50,15 @@ def file_lock(path: Path, *, wait: bool = True):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def make_sampler(search: SearchConfig, worker: int = 0, n_trials: int = 16):
+def make_sampler(search: SearchConfig, offset: int = 0, n_trials: int = 16):
     """TPE (single- and multi-objective; constrained: it reads the constraint values each trial records with
-    ``Trial.set_constraint``, Optuna 5's replacement of the sampler's deprecated ``constraints_func``), seeded per
-    worker so that parallel workers start apart."""
+    ``Trial.set_constraint``, Optuna 5's replacement of the sampler's deprecated ``constraints_func``), seeded by
+    `offset` (the worker and the trials already held) so that parallel and resumed workers start apart."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     startup = max(2, min(10, n_trials // 3))
-    return optuna.samplers.TPESampler(seed=search.seed + worker, n_startup_trials=startup)
+    return optuna.samplers.TPESampler(seed=search.seed + offset, n_startup_trials=startup)
 
 
 def open_study(storage: str, search: SearchConfig, sampler, *, create: bool = False):
@@ -97,7 +97,10 @@ def run_worker(spec: dict, log: Callable[[str], None] = print) -> int:
 
     search = SearchConfig(**spec["search"])
     constraints = [Constraint(**c) for c in spec["constraints"]]
-    sampler = make_sampler(search, spec["worker"], spec["trials"])
+    # seeded by the worker and by how many trials the study holds: a resumed search does not draw its first
+    # random trials again (the same seed would repeat the values the first invocation started with)
+    held = len(open_study(spec["storage"], search, None).get_trials(deepcopy=False))
+    sampler = make_sampler(search, spec["worker"] + held, spec["trials"])
     study = open_study(spec["storage"], search, sampler)
     task = get_task("classification")
     out = Path(spec["out"])
