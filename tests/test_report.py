@@ -44,6 +44,8 @@ def test_the_run_writes_a_report_with_every_classification_section(run_dir, page
     found = sections_of(page)
     assert {name: found.get(name) for name in SECTIONS} == {name: "true" for name in SECTIONS}
     assert page.count('<svg class="plot"') == 3 + 2 + 1 + 1 + 1 + 4  # 3 curves, 2 Pareto, reliability..., 4 audit
+    names = re.findall(r'<svg class="plot"[^>]*data-plot="([^"]+)"', page)
+    assert len(names) == len(set(names)) and {"reliability", "audit-reliability"} <= set(names), names
     # per-class: one row per class with the retention column; disagreement examples
     assert "retention (student / teacher)" in page and "test index" in page
 

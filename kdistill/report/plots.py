@@ -132,10 +132,10 @@ def reliability(models: Mapping[str, dict], name: str = "reliability") -> str:
     fig = _figure(5.2, 4.4)
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], color="#999999", linestyle=":", linewidth=1, label="perfect calibration")
-    for i, (name, b) in enumerate(models.items()):
+    for i, (model, b) in enumerate(models.items()):
         keep = np.asarray(b["count"]) > 0
         conf, acc = np.asarray(b["confidence"])[keep], np.asarray(b["accuracy"])[keep]
-        ax.plot(conf, acc, marker="o", markersize=4, color=color(name, i), label=f"{name} (ECE {b['ece']:.3f})")
+        ax.plot(conf, acc, marker="o", markersize=4, color=color(model, i), label=f"{model} (ECE {b['ece']:.3f})")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("confidence (mean max probability in bin)")
