@@ -171,6 +171,12 @@ def run(cfg: LMRunConfig, run_dir: Any = None, *, progress: bool = True, log: Ca
         from kdistill.tasks.lm_deploy import deployed_rows
 
         summary["deployed"] = deployed_rows(cfg, folder, teacher, student, artifacts, heldout)
+    return save_student(folder, student, tokenizer, summary)
+
+
+def save_student(folder, student, tokenizer, summary: dict[str, Any]) -> dict[str, Any]:
+    """Save the student (and its tokenizer) as a transformers folder ``RUN_DIR/student`` and write the summary;
+    returns the summary with ``student_path`` (unchanged without a run directory)."""
     if folder:
         student.save_pretrained(folder.file("student"))
         if hasattr(tokenizer, "save_pretrained"):

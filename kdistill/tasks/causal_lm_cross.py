@@ -111,13 +111,9 @@ def run_cross(cfg: LMRunConfig, run_dir: Any = None, *, progress: bool = True, l
         "torch_threads": torch.get_num_threads(),
         "seconds": seconds,
     }
-    if folder:
-        student.save_pretrained(folder.file("student"))
-        if hasattr(student_tokenizer, "save_pretrained"):
-            student_tokenizer.save_pretrained(folder.file("student"))
-        folder.write_summary(summary)
-        summary["student_path"] = str(folder.file("student"))
-    return summary
+    from kdistill.tasks.causal_lm import save_student
+
+    return save_student(folder, student, student_tokenizer, summary)
 
 
 def table_cross(summary: dict[str, Any]) -> str:
