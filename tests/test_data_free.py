@@ -302,4 +302,4 @@ def test_dump_and_reload_keeps_the_data_free_sections(tiny_fashion):
     again = parse_config(yaml.safe_load(dump_config(cfg)))
     assert again.data.train == "none" and again.data_free.method == "deepinversion"
     assert json.loads(again.model_dump_json()) == json.loads(cfg.model_dump_json())
-    assert math.isclose(again.data_free.deepinversion.lr, 0.05)
+    assert math.isclose(again.data_free.deepinversion.lr, 0.15)
