@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1] / "kdistill"
 GROUND = ("data", "models", "losses", "evaluate", "errors", "taps", "adapters", "files", "seeding", "outputs",
           "configbase", "train_config", "provenance")
 ABOVE = ("engine", "schemes", "distiller", "config", "llm", "encoders", "cli", "tasks", "objective", "wiring",
-         "teachers", "demo", "report", "progress", "api", "audit")
+         "teachers", "demo", "report", "progress", "api", "audit", "datafree", "search")
 MAX_LINES = 400
 
 
