@@ -22,6 +22,7 @@ Measured:
 
     python benchmarks/audit.py --json benchmarks/results/audit.json
     python benchmarks/audit.py --quick --json /tmp/audit_quick.json   # a minute-long check
+    python benchmarks/audit.py --resume --json benchmarks/results/audit.json  # runs only the seeds not in the file
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def settings(quick: bool) -> dict:
             "student_steps": 300 if quick else 1200, "batch_size": 128, "lr": 3e-3, "alpha": 0.9, "temperature": 4.0,
             "poison_fraction": POISON_FRACTION, "patch": "4x4 of 1.0 at rows/cols 23-26",
             "audit": {"cleanse": {"steps": 200, "batch": 32}, "strip": {"rows": 256}},
-            "backdoor_seeds": [0] if quick else [0, 1, 2], "clean_seeds": [0] if quick else [0, 1, 2]}
+            "backdoor_seeds": [0] if quick else [0, 1, 2], "clean_seeds": [0] if quick else [0, 1, 2, 3, 4]}
 
 
 def add_trigger(x: torch.Tensor) -> torch.Tensor:
@@ -140,6 +141,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the seeds already in --json (same settings but the seed lists) and run the rest")
     args = parser.parse_args(argv)
     s = settings(args.quick)
     data = fashion_mnist(train_size=s["train_rows"])
@@ -150,6 +153,19 @@ def main(argv=None) -> dict:
     result = {"git_revision": git_revision(), "command": " ".join(["python", "benchmarks/audit.py", *sys.argv[1:]]),
               "torch": torch.__version__, "threads": torch.get_num_threads(),
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "settings": s, "backdoor": [], "clean": []}
+    if args.resume and args.json.is_file():
+        earlier = json.loads(args.json.read_text())
+        strip_seeds = lambda d: {k: v for k, v in d.items() if not k.endswith("_seeds")}  # noqa: E731
+        if strip_seeds(earlier["settings"]) != strip_seeds(s):
+            raise SystemExit(f"--resume: {args.json} was measured with other settings; run without --resume")
+        result["backdoor"] = [r for r in earlier["backdoor"] if r["seed"] in s["backdoor_seeds"]]
+        result["clean"] = [r for r in earlier["clean"] if r["seed"] - 50 in s["clean_seeds"]]
+        result["earlier_runs"] = earlier.get("earlier_runs", []) + [
+            {"git_revision": earlier["git_revision"], "command": earlier["command"], "seconds": earlier.get("seconds"),
+             "backdoor_seeds": [r["seed"] for r in earlier["backdoor"]],
+             "clean_seeds": [r["seed"] for r in earlier["clean"]]}]
+    done_backdoor = {r["seed"] for r in result["backdoor"]}
+    done_clean = {r["seed"] for r in result["clean"]}
     started = time.perf_counter()
 
     def save():
@@ -173,7 +189,7 @@ def main(argv=None) -> dict:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
-    for seed in s["backdoor_seeds"]:
+    for seed in [seed for seed in s["backdoor_seeds"] if seed not in done_backdoor]:
         target = int(torch.randint(0, 10, (1,), generator=torch.Generator().manual_seed(seed)))
         xp, yp, mask = poison(x, y, target, seed)
         teacher, student, summary = train(s, xp, yp, test, seed, student=True)
@@ -196,7 +212,7 @@ def main(argv=None) -> dict:
         result["backdoor"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "audit"}), flush=True)
         save()
-    for seed in s["clean_seeds"]:
+    for seed in [seed for seed in s["clean_seeds"] if 50 + seed not in done_clean]:
         teacher, _, summary = train(s, x, y, test, 50 + seed, student=False)
         record = audit_teacher(teacher, data, audit_settings)
         row = {"seed": 50 + seed, "audit": flagged(record), "teacher_top1": summary["teacher"]["accuracy"]}
