@@ -73,6 +73,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -114,7 +115,7 @@ def _plain_copy(model):
 
 
 def prepare(workdir: Path, settings: Settings, quick: bool) -> dict:
-    """Write ``teacher/``, ``student/``, ``tokenizer/`` (HF folders) and ``blocks.pt`` under `workdir`."""
+    """Write ``teacher/``, ``student/``, ``tokenizer/`` (HF folders) and ``blocks.safetensors`` under `workdir`."""
     import transformers
 
     n_blocks = settings.steps * settings.batch
@@ -144,7 +145,7 @@ def prepare(workdir: Path, settings: Settings, quick: bool) -> dict:
     teacher.save_pretrained(workdir / "teacher")
     student.save_pretrained(workdir / "student")
     tokenizer.save_pretrained(workdir / "tokenizer")
-    torch.save(blocks, workdir / "blocks.pt")
+    save_file({"blocks": blocks.contiguous()}, str(workdir / "blocks.safetensors"))
     return {"teacher_params": sum(p.numel() for p in teacher.parameters()),
             "student_params": sum(p.numel() for p in student.parameters()),
             "teacher_layers": teacher.config.num_hidden_layers, "student_layers": student.config.num_hidden_layers,
@@ -170,7 +171,7 @@ def load(workdir: Path) -> dict:
         for tensor in [*model.parameters(), *model.buffers()]:
             tensor.data = tensor.data.clone()
     return {"teacher": teacher, "student": student, "tokenizer": AutoTokenizer.from_pretrained(workdir / "tokenizer"),
-            "blocks": torch.load(workdir / "blocks.pt")}
+            "blocks": load_file(str(workdir / "blocks.safetensors"))["blocks"]}
 
 
 def data_order(n_rows: int, settings: Settings) -> torch.Tensor:
