@@ -186,6 +186,15 @@ def save_student(folder, student, tokenizer, summary: dict[str, Any]) -> dict[st
     return summary
 
 
+def model_rows(rows, metric: str, *, name_width: int, value_width: int, digits: int) -> list[str]:
+    """Text table lines: a header, then one ``(name, params, value)`` row each (``-`` for a value not measured)."""
+    lines = [f"{'model':<{name_width}} {'params':>12} {metric:>{value_width}}"]
+    for name, params, value in rows:
+        shown = f"{value:>{value_width}.{digits}f}" if value is not None else f"{'-':>{value_width}}"
+        lines.append(f"{name:<{name_width}} {params:>12,} {shown}")
+    return lines
+
+
 def table(summary: dict[str, Any]) -> str:
     """The run's held-out perplexities and sizes as a small text table."""
     if "student_kd_bpc" in summary:  # a cross-tokenizer run
@@ -196,10 +205,7 @@ def table(summary: dict[str, Any]) -> str:
             ("student, initial (teacher layers)", summary["params_student"], summary["student_init_ppl"]),
             ("student, next-token CE", summary["params_student"], summary["student_ce_ppl"]),
             ("student, KD", summary["params_student"], summary["student_kd_ppl"])]
-    lines = [f"{'model':<36} {'params':>12} {'held-out ppl':>13}"]
-    for name, params, ppl in rows:
-        lines.append(f"{name:<36} {params:>12,} {ppl:>13.2f}" if ppl is not None else
-                     f"{name:<36} {params:>12,} {'-':>13}")
+    lines = model_rows(rows, "held-out ppl", name_width=36, value_width=13, digits=2)
     if summary.get("kd_over_ce_ppl") is not None:
         lines.append(f"KD / CE perplexity ratio: {summary['kd_over_ce_ppl']:.3f} after {summary['steps']} steps "
                      f"({summary['train_tokens']:,} training tokens)")

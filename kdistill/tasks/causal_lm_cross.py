@@ -122,10 +122,9 @@ def table_cross(summary: dict[str, Any]) -> str:
             ("student, initial", summary["params_student"], summary["student_init_bpc"]),
             ("student, next-token CE", summary["params_student"], summary["student_ce_bpc"]),
             ("student, cross-tokenizer KD", summary["params_student"], summary["student_kd_bpc"])]
-    lines = [f"{'model':<30} {'params':>12} {'held-out bits/char':>19}"]
-    for name, params, bpc in rows:
-        lines.append(f"{name:<30} {params:>12,} {bpc:>19.3f}" if bpc is not None else
-                     f"{name:<30} {params:>12,} {'-':>19}")
+    from kdistill.tasks.causal_lm import model_rows
+
+    lines = model_rows(rows, "held-out bits/char", name_width=30, value_width=19, digits=3)
     if summary.get("kd_over_ce_bpc") is not None:
         lines.append(f"KD / CE bits-per-character ratio: {summary['kd_over_ce_bpc']:.3f} after {summary['steps']} "
                      "steps")
