@@ -37,7 +37,8 @@ def torchrun(out: Path, *args: str, expect_ok: bool = True) -> subprocess.Comple
            str(JOB), str(out), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if expect_ok:
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        first = [line for line in proc.stderr.splitlines() if line.startswith("[rank0]")]  # the root cause
+        assert proc.returncode == 0, "\n".join(first[-40:]) + proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
 
 

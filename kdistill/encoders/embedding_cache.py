@@ -24,6 +24,7 @@ from kdistill.encoders.data import sentence_dataset
 from kdistill.encoders.distiller import EncoderTeacher
 from kdistill.errors import CacheError
 from kdistill.teachers import CacheSpec, CacheStore, CachedTeacher, build_cache, cache_key_parts, open_cache
+from kdistill.teachers.cache import launched_processes
 
 __all__ = ["EMBEDDING", "ReorderedTeacher", "teacher_embeddings"]
 
@@ -84,8 +85,11 @@ def _open_or_build(teacher: EncoderTeacher, data: Any, directory: Path, spec: Ca
         complete = store.read_manifest() is not None and store.is_complete()
     except CacheError:  # unreadable manifest
         complete = True
-    if complete:  # complete but stale or damaged: start over (a partial cache of the same key is continued)
+    rank, _, barrier = launched_processes()
+    barrier()  # every process has read the old cache's state before process 0 wipes it
+    if complete and rank == 0:  # complete but stale or damaged: start over (a partial one of the key is continued)
         store.wipe()
+    barrier()
     cached = build_cache(teacher, data, directory, spec, outputs=[EMBEDDING], rebuild=True, progress=progress,
                          log=log)
     return cached, False

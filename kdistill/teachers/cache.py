@@ -244,20 +244,35 @@ def open_cache(directory: os.PathLike, key_parts: Optional[Mapping] = None) -> C
     return CachedTeacher(CacheReader(directory, manifest))
 
 
+def launched_processes() -> tuple[int, int, Callable[[], None]]:
+    """``(rank, world size, barrier)`` of this process: from Accelerate's process state when the process was
+    launched as one of several (``WORLD_SIZE`` > 1, as torchrun and ``accelerate launch`` set it), else one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, lambda: None
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return state.process_index, state.num_processes, state.wait_for_everyone
+
+
 def build_cache(teacher: Callable[[Mapping], Mapping[str, Any]], dataset: Any, directory: os.PathLike,
-                spec: CacheSpec = CacheSpec(), *, outputs: Sequence[str] = (LOGITS,), rank: int = 0,
-                world_size: int = 1, barrier: Optional[Callable[[], None]] = None, rebuild: bool = False,
+                spec: CacheSpec = CacheSpec(), *, outputs: Sequence[str] = (LOGITS,), rank: Optional[int] = None,
+                world_size: Optional[int] = None, barrier: Optional[Callable[[], None]] = None, rebuild: bool = False,
                 device: Any = "cpu", progress: bool = False, log: Callable[[str], None] = print) -> CachedTeacher:
     """Run `teacher` over every sample (and augmentation view) of `dataset` and store `outputs`; resumable.
 
     An existing complete cache with the same key is reused as is; a partial one is continued; one with another
-    key is refused (or wiped first with ``rebuild=True``). With several processes, call it on every rank with
-    ``rank``, ``world_size`` and a ``barrier``; each writes its own shards.
+    key is refused (or wiped first with ``rebuild=True``). With several processes, call it on every rank; each
+    writes its own shards. ``rank``, ``world_size`` and ``barrier`` default to the launched processes
+    (`launched_processes`), so that processes started by torchrun never write the same files.
     """
     from kdistill.progress import Progress
 
     directory = Path(directory)
     store = CacheStore(directory)
+    if rank is None or world_size is None:
+        rank, world_size, launched_barrier = launched_processes()
+        barrier = barrier or launched_barrier
     barrier = barrier or (lambda: None)
     if spec.kind not in ("dense", "topk"):
         raise CacheError(f"unknown cache kind '{spec.kind}'", where="teacher.cache.kind", fix="use dense or topk")
