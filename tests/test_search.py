@@ -94,6 +94,14 @@ def test_constraint_violation_excludes_a_better_trial_from_best():
     assert pick_best([trials[0]], ["top1"]) is None
 
 
+def test_parallel_and_resumed_workers_never_share_a_sampler_seed():
+    """Worker 0 starting after worker 1's first trial (held 1) must not draw worker 1's random trials (held 0)."""
+    from kdistill.search.trials import worker_offset
+
+    offsets = [worker_offset(w, held) for w in range(8) for held in range(200)]
+    assert len(set(offsets)) == len(offsets) and worker_offset(0, 1) != worker_offset(1, 0)
+
+
 def test_search_resumes_with_workers_on_one_storage_and_best_reproduces(tmp_path, monkeypatch):
     import kdistill.tasks as tasks
 

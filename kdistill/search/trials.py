@@ -21,7 +21,7 @@ from kdistill.errors import KDError
 from kdistill.search.config import Constraint, SearchConfig
 from kdistill.search.space import assign, suggest
 
-__all__ = ["WorkerSpec", "file_lock", "make_sampler", "open_study", "run_worker", "trial_metrics"]
+__all__ = ["WorkerSpec", "file_lock", "make_sampler", "open_study", "run_worker", "trial_metrics", "worker_offset"]
 
 
 def trial_metrics(summary: dict) -> dict:
@@ -50,10 +50,18 @@ def file_lock(path: Path, *, wait: bool = True):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def worker_offset(worker: int, held: int) -> int:
+    """The sampler seed offset of `worker` when the study held `held` trials at its start: distinct for every
+    (worker, held) pair with held < 10,000 (``worker + held`` was not: worker 0 starting after worker 1's first
+    trial drew the same random trials as worker 1)."""
+    return 10_000 * worker + held
+
+
 def make_sampler(search: SearchConfig, offset: int = 0, n_trials: int = 16):
     """TPE (single- and multi-objective; constrained: it reads the constraint values each trial records with
     ``Trial.set_constraint``, Optuna 5's replacement of the sampler's deprecated ``constraints_func``), seeded by
-    `offset` (the worker and the trials already held) so that parallel and resumed workers start apart."""
+    `offset` (`worker_offset`: the worker and the trials already held) so that parallel and resumed workers
+    start apart."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -100,7 +108,7 @@ def run_worker(spec: dict, log: Callable[[str], None] = print) -> int:
     # seeded by the worker and by how many trials the study holds: a resumed search does not draw its first
     # random trials again (the same seed would repeat the values the first invocation started with)
     held = len(open_study(spec["storage"], search, None).get_trials(deepcopy=False))
-    sampler = make_sampler(search, spec["worker"] + held, spec["trials"])
+    sampler = make_sampler(search, worker_offset(spec["worker"], held), spec["trials"])
     study = open_study(spec["storage"], search, sampler)
     task = get_task("classification")
     out = Path(spec["out"])
