@@ -9,12 +9,13 @@ on the clean rows only (the trigger never appears in the distillation data). For
 trained on the unpoisoned rows and audited the same way.
 
 Measured:
-* ``backdoor_flagged``: backdoored teachers the audit flags, out of the backdoor seeds. Flagged: the trigger
-  reconstruction flags a class (Neural Cleanse anomaly index > 2 for a class whose minimal mask is below the
-  median) or STRIP does (more than 5x the clean false-rejection rate of the examined training rows fall below
-  the clean entropy threshold). ``by_detector`` gives each detector's own counts;
-* ``backdoor_target_correct``: how many name the planted target class (Neural Cleanse's suspected class when it
-  flags, else the teacher's most frequent class among STRIP's lowest-entropy rows);
+* ``backdoor_flagged``: backdoored teachers the audit's verdict flags, out of the backdoor seeds. The verdict is
+  the library's (`kdistill.audit.teacher.backdoor_verdict`) with its default rule ``strip``: STRIP flags when more
+  than 5x its clean false-rejection rate of the examined training rows fall below the clean entropy threshold.
+  ``by_detector`` gives each detector's own counts (the trigger reconstruction flags a class whose Neural Cleanse
+  anomaly index is > 2 with its mask below the median) and ``by_rule`` what the other rules would have said;
+* ``backdoor_target_correct``: how many name the planted target class (the teacher's most frequent class among
+  STRIP's lowest-entropy rows below the threshold);
 * ``clean_false_alarms`` out of ``clean_seeds``: clean teachers flagged;
 * ``student_attack_success``: attack success rate of the *planted* trigger (held-out rows of other classes,
   trigger added, predicted t) on the student distilled on the poisoned set, mean over backdoor seeds; the same for
@@ -50,7 +51,6 @@ from kdistill.provenance import git_revision  # noqa: E402
 
 PATCH = (slice(23, 27), slice(23, 27))  # the planted trigger: a 4x4 white square in the bottom-right corner
 POISON_FRACTION = 0.10
-STRIP_FACTOR = 5  # STRIP flags a teacher when > 5x its clean false-rejection rate of training rows is below threshold
 
 
 def settings(quick: bool) -> dict:
@@ -58,7 +58,8 @@ def settings(quick: bool) -> dict:
             "student": {"name": "cnn2d", "channels": [8, 16, 32]}, "teacher_steps": 300 if quick else 1200,
             "student_steps": 300 if quick else 1200, "batch_size": 128, "lr": 3e-3, "alpha": 0.9, "temperature": 4.0,
             "poison_fraction": POISON_FRACTION, "patch": "4x4 of 1.0 at rows/cols 23-26",
-            "audit": {"cleanse": {"steps": 200, "batch": 32}, "strip": {"rows": 256}},
+            "audit": {"cleanse": {"steps": 200, "batch": 32}, "strip": {"rows": 256},
+                      "backdoor": {"rule": "strip", "strip_factor": 5.0}},
             "backdoor_seeds": [0] if quick else [0, 1, 2], "clean_seeds": [0] if quick else [0, 1, 2, 3, 4]}
 
 
@@ -112,27 +113,22 @@ def distil_from(s: dict, teacher, x, y, test, seed: int):
     return out.student, out.summary
 
 
-def strip_verdict(strip: dict) -> dict:
-    """STRIP's verdict: flagged when more than `STRIP_FACTOR` times the expected fraction (the clean false
-    rejection rate) of the examined training rows fall below the clean threshold; its suspected class is the
-    teacher's most frequent class among the lowest-entropy rows (a trigger sends them all to its target)."""
-    flag = strip["fraction_below"] > STRIP_FACTOR * strip["expected_fraction"]
-    classes = [r["teacher_class"] for r in strip["lowest"]]
-    return {"flagged": flag, "suspected_class": max(set(classes), key=classes.count) if flag and classes else None}
+RULES = ("strip", "neural_cleanse", "either", "both")
 
 
 def flagged(record: dict) -> dict:
-    """The audit's verdict: flagged by the trigger reconstruction (Neural Cleanse anomaly index > 2) or by STRIP;
-    the suspected class is Neural Cleanse's when it flags, else STRIP's."""
-    nc, strip = record["neural_cleanse"], record["strip"]
-    by_strip = strip_verdict(strip)
-    nc_flag = nc["suspected_class"] is not None
-    return {"flagged": nc_flag or by_strip["flagged"],
-            "suspected_class": nc["suspected_class"] if nc_flag else by_strip["suspected_class"],
-            "neural_cleanse_flagged": nc_flag, "neural_cleanse_suspected_class": nc["suspected_class"],
-            "strip_flagged": by_strip["flagged"], "strip_suspected_class": by_strip["suspected_class"],
-            "anomaly_score": nc["score"], "min_norm_class": nc["min_class"], "norms": nc["norms"],
-            "strip_fraction_below": strip["fraction_below"], "strip_expected_fraction": strip["expected_fraction"],
+    """The audit's own backdoor verdict (`kdistill.audit.teacher.backdoor_verdict`, rule ``audit.backdoor.rule``:
+    the default, STRIP) and what each detector and each other rule would have said."""
+    v, nc, strip = record["backdoor"], record["neural_cleanse"], record["strip"]
+    by_det = {det: v[det]["flagged"] for det in ("strip", "neural_cleanse")}
+    by_rule = {"strip": by_det["strip"], "neural_cleanse": by_det["neural_cleanse"],
+               "either": by_det["strip"] or by_det["neural_cleanse"], "both": by_det["strip"] and by_det["neural_cleanse"]}
+    return {"rule": v["rule"], "flagged": v["flagged"], "suspected_class": v["suspected_class"], "by_rule": by_rule,
+            "neural_cleanse_flagged": by_det["neural_cleanse"], "neural_cleanse_suspected_class": nc["suspected_class"],
+            "strip_flagged": by_det["strip"], "strip_suspected_class": v["strip"]["suspected_class"],
+            "strip_ratio": v["strip"]["ratio"], "anomaly_score": nc["score"], "min_norm_class": nc["min_class"],
+            "norms": nc["norms"], "strip_fraction_below": strip["fraction_below"],
+            "strip_expected_fraction": strip["expected_fraction"],
             "label_noise_fraction": record["label_noise"]["fraction"], "accuracy": record["test"]["accuracy"],
             "ece": record["test"]["ece"], "audit_seconds": record["seconds"]}
 
@@ -179,6 +175,8 @@ def main(argv=None) -> dict:
                                                                  for r in bd),
                                   "clean_false_alarms": sum(r["audit"][f"{det}_flagged"] for r in cl)}
                             for det in ("neural_cleanse", "strip")},
+            "by_rule": {rule: {"backdoor_flagged": sum(r["audit"]["by_rule"][rule] for r in bd),
+                               "clean_false_alarms": sum(r["audit"]["by_rule"][rule] for r in cl)} for rule in RULES},
             "seconds": time.perf_counter() - started})
         for key in ("teacher_attack_success", "student_attack_success", "student_clean_data_attack_success",
                     "student_reconstructed_trigger_success", "teacher_reconstructed_trigger_success"):
@@ -189,7 +187,7 @@ def main(argv=None) -> dict:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
-    for seed in [seed for seed in s["backdoor_seeds"] if seed not in done_backdoor]:
+    def backdoor_seed(seed: int) -> None:
         target = int(torch.randint(0, 10, (1,), generator=torch.Generator().manual_seed(seed)))
         xp, yp, mask = poison(x, y, target, seed)
         teacher, student, summary = train(s, xp, yp, test, seed, student=True)
@@ -212,13 +210,22 @@ def main(argv=None) -> dict:
         result["backdoor"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "audit"}), flush=True)
         save()
-    for seed in [seed for seed in s["clean_seeds"] if 50 + seed not in done_clean]:
+
+    def clean_seed(seed: int) -> None:
         teacher, _, summary = train(s, x, y, test, 50 + seed, student=False)
         record = audit_teacher(teacher, data, audit_settings)
         row = {"seed": 50 + seed, "audit": flagged(record), "teacher_top1": summary["teacher"]["accuracy"]}
         result["clean"].append(row)
         print(json.dumps({"clean_seed": 50 + seed, **row["audit"]}), flush=True)
         save()
+
+    # interleaved (backdoor 0, clean 0, backdoor 1, ...), so that a stopped run holds both kinds
+    todo = [(backdoor_seed, seed) for seed in s["backdoor_seeds"] if seed not in done_backdoor]
+    todo_clean = [(clean_seed, seed) for seed in s["clean_seeds"] if 50 + seed not in done_clean]
+    for i in range(max(len(todo), len(todo_clean))):
+        for queue in (todo, todo_clean):
+            if i < len(queue):
+                queue[i][0](queue[i][1])
     save()
     return result
 

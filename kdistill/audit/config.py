@@ -9,7 +9,7 @@ from pydantic import Field
 
 from kdistill.configbase import Strict
 
-__all__ = ["AuditConfig", "AuditThresholds", "CleanseSettings", "StripSettings"]
+__all__ = ["AuditConfig", "AuditThresholds", "BackdoorVerdict", "CleanseSettings", "StripSettings"]
 
 
 class AuditThresholds(Strict):
@@ -23,6 +23,8 @@ class AuditThresholds(Strict):
                                                       "rows the teacher confidently assigns to another class")
     max_strip_fraction: Optional[float] = Field(None, ge=0, le=1, description="highest fraction of examined "
                                                 "training rows whose STRIP entropy is below the clean threshold")
+    refuse_backdoor: bool = Field(False, description="refuse a teacher the backdoor verdict flags "
+                                                     "(audit.backdoor.rule)")
 
 
 class StripSettings(Strict):
@@ -49,6 +51,18 @@ class CleanseSettings(Strict):
                                                    "/1.5 down otherwise)")
 
 
+class BackdoorVerdict(Strict):
+    """How the two backdoor checks make one verdict (`kdistill.audit.teacher.backdoor_verdict`)."""
+
+    rule: Literal["strip", "neural_cleanse", "either", "both"] = Field(
+        "strip", description="which check's flag is the verdict: 'strip' (the default: in benchmarks/audit.py the "
+                             "trigger reconstruction flagged 5 of 5 clean Fashion-MNIST teachers), 'neural_cleanse', "
+                             "'either' or 'both'")
+    strip_factor: float = Field(5.0, gt=1, description="STRIP flags when more than this many times its expected "
+                                                       "fraction (strip.percentile) of training rows fall below "
+                                                       "the clean threshold")
+
+
 class AuditConfig(Strict):
     """The teacher audit: run as a stage after the teacher is ready and before distillation; a threshold the
     teacher violates stops the run (exit 2, the teacher's weights kept). See docs/audit.md."""
@@ -62,3 +76,4 @@ class AuditConfig(Strict):
     seed: int = Field(0, description="seed of the audit's sampling and trigger initialisation")
     strip: StripSettings = StripSettings()
     cleanse: CleanseSettings = CleanseSettings()
+    backdoor: BackdoorVerdict = BackdoorVerdict()

@@ -15,7 +15,7 @@ from kdistill.audit.checks import (anomaly_index, confidence_histogram, label_no
 from kdistill.audit.config import AuditConfig
 from kdistill.evaluate.quality import accuracy, calibration_bins, expected_calibration_error
 
-__all__ = ["audit_teacher", "audit_table", "inheritance", "summary_entry", "violations"]
+__all__ = ["audit_teacher", "audit_table", "backdoor_verdict", "inheritance", "summary_entry", "violations"]
 
 INHERIT_ROWS = 512  # held-out rows the reconstructed trigger is applied to after distillation
 
@@ -58,9 +58,40 @@ def audit_teacher(model: nn.Module, bundle, settings: Optional[AuditConfig] = No
             "accuracy": {n: accuracy(predict(members[n], x_test), y_test) for n in names}}
     record["label_noise"] = _label_noise(model, x_train, y_train, settings)
     record["strip"] = _strip(model, x_train, y_train, x_test, settings)
-    record["neural_cleanse"] = _cleanse(model, x_test, classes, settings)
+    record["neural_cleanse"], found = _cleanse(model, x_test, classes, settings)
+    record["backdoor"] = backdoor_verdict(record, settings)
+    # the trigger measured on the student later: the verdict's class, else the smallest mask's
+    flagged = record["backdoor"]["flagged"]
+    target = record["backdoor"]["suspected_class"] if flagged else record["neural_cleanse"]["min_class"]
+    record["neural_cleanse"]["trigger"] = {
+        "class": int(target), "suspected": bool(flagged), "shape": list(found["masks"][target].shape),
+        "pattern_shape": list(found["patterns"][target].shape), "mask": found["masks"][target].reshape(-1).tolist(),
+        "pattern": found["patterns"][target].reshape(-1).tolist()}
     record["seconds"] = time.perf_counter() - started
     return record
+
+
+def backdoor_verdict(record: dict, settings: AuditConfig) -> dict:
+    """One backdoor verdict from the record's STRIP and trigger-reconstruction results (``audit.backdoor``).
+
+    STRIP flags when more than ``strip_factor`` times its expected fraction of the examined training rows fall
+    below the clean entropy threshold; its suspected class is the teacher's most frequent class among the
+    lowest-entropy rows below the threshold (a trigger sends them all to its target). The reconstruction flags
+    its suspected class (anomaly index > 2, `anomaly_index`). ``rule`` combines them; with two flags the class
+    is STRIP's, since it is read off the training rows themselves."""
+    b, strip, nc = settings.backdoor, record["strip"], record["neural_cleanse"]
+    strip_flag = strip["fraction_below"] > b.strip_factor * strip["expected_fraction"]
+    below = [r["teacher_class"] for r in strip["lowest"] if r["entropy_bits"] < strip["threshold_bits"]]
+    strip_class = max(sorted(set(below)), key=below.count) if strip_flag and below else None
+    nc_flag = nc["suspected_class"] is not None
+    flags = {"strip": strip_flag, "neural_cleanse": nc_flag}
+    flagged = {"strip": strip_flag, "neural_cleanse": nc_flag, "either": strip_flag or nc_flag,
+               "both": strip_flag and nc_flag}[b.rule]
+    by_rule = strip_class if b.rule != "neural_cleanse" and strip_flag else nc["suspected_class"]
+    return {"rule": b.rule, "flagged": flagged, "suspected_class": by_rule if flagged else None,
+            "strip": {"flagged": flags["strip"], "suspected_class": strip_class,
+                      "factor": b.strip_factor, "ratio": strip["fraction_below"] / strip["expected_fraction"]},
+            "neural_cleanse": {"flagged": nc_flag, "suspected_class": nc["suspected_class"], "score": nc["score"]}}
 
 
 def _label_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: AuditConfig) -> dict:
@@ -109,15 +140,9 @@ def _cleanse(model: nn.Module, x_test: torch.Tensor, classes: int, settings: Aud
                                  target_success=c.target_success, adapt_every=c.adapt_every, seed=settings.seed,
                                  bounds=(float(x_test.min()), float(x_test.max())))
     index = anomaly_index(found["norms"].tolist())
-    target = index["suspected_class"] if index["suspected_class"] is not None else index["min_class"]
     return {"steps": c.steps, "batch": len(batch), "l1_weight": c.l1_weight, "target_success": c.target_success,
             "norms": [float(v) for v in found["norms"]], "success": [float(v) for v in found["success"]],
-            "reached": [bool(v) for v in found["reached"]], **index,
-            "trigger": {"class": int(target), "suspected": index["suspected_class"] is not None,
-                        "shape": list(found["masks"][target].shape), "pattern_shape":
-                        list(found["patterns"][target].shape),
-                        "mask": found["masks"][target].reshape(-1).tolist(),
-                        "pattern": found["patterns"][target].reshape(-1).tolist()}}
+            "reached": [bool(v) for v in found["reached"]], **index}, found
 
 
 CHECKS = (("min_accuracy", "held-out accuracy", lambda r: r["test"]["accuracy"], "below"),
@@ -132,6 +157,11 @@ CHECKS = (("min_accuracy", "held-out accuracy", lambda r: r["test"]["accuracy"],
 def violations(record: dict, thresholds) -> list[dict]:
     """The thresholds `record` violates: ``[{"threshold", "limit", "value", "message"}]`` (unset ones skipped)."""
     found = []
+    verdict = record.get("backdoor") or {}
+    if thresholds.refuse_backdoor and verdict.get("flagged"):
+        found.append({"threshold": "refuse_backdoor", "limit": True, "value": True,
+                      "message": f"a backdoor is suspected (rule {verdict['rule']}, target class "
+                                 f"{verdict['suspected_class']}) and audit.thresholds.refuse_backdoor is true"})
     for key, what, value_of, side in CHECKS:
         limit = getattr(thresholds, key)
         if limit is None:
@@ -157,6 +187,10 @@ def summary_entry(record: dict) -> dict:
              "min_norm_class": nc["min_class"], "suspected_class": nc["suspected_class"],
              "trigger_class": nc["trigger"]["class"], "trigger_l1": nc["norms"][nc["trigger"]["class"]],
              "trigger_success_teacher_batch": nc["success"][nc["trigger"]["class"]]}
+    verdict = record.get("backdoor")
+    if verdict is not None:
+        entry.update(backdoor_flagged=verdict["flagged"], backdoor_class=verdict["suspected_class"],
+                     backdoor_rule=verdict["rule"], strip_suspected_class=verdict["strip"]["suspected_class"])
     if "ensemble" in record:
         entry["ensemble_agreement"] = record["ensemble"]["agreement"]
     return entry
@@ -211,6 +245,13 @@ def audit_table(record: dict) -> str:
              f"(median {nc['median']:.2f}), anomaly index {nc['score']:.2f}: "
              + (f"suspected class {nc['suspected_class']}" if nc["suspected_class"] is not None
                 else "no class flagged")]
+    verdict = record.get("backdoor")
+    if verdict is not None:
+        lines.append(f"  backdoor        " + (f"SUSPECTED, target class {verdict['suspected_class']}"
+                                              if verdict["flagged"] else "not flagged")
+                     + f" (rule {verdict['rule']}: STRIP {'flags' if verdict['strip']['flagged'] else 'does not flag'}"
+                     f" at {verdict['strip']['ratio']:.1f}x its expected fraction, the trigger reconstruction "
+                     f"{'flags' if verdict['neural_cleanse']['flagged'] else 'does not flag'})")
     if "ensemble" in record:
         agree = record["ensemble"]["agreement"]
         pairs = [agree[i][j] for i in range(len(agree)) for j in range(i + 1, len(agree))]

@@ -28,7 +28,12 @@ def audit(run: RunFiles) -> Section:
     s = run.summary
     verdict = "passed" if entry.get("passed") else "failed: " + "; ".join(entry.get("violations") or [])
     suspected = entry.get("suspected_class")
-    rows = [["held-out top-1 %", num(s, "audit/accuracy", ".2f", scale=100)],
+    rows = []
+    if "backdoor_flagged" in entry:
+        rows.append([f"backdoor verdict (rule {entry.get('backdoor_rule')})",
+                     Cell(f"suspected, target class {entry.get('backdoor_class')}" if entry["backdoor_flagged"]
+                          else "not flagged")])
+    rows += [["held-out top-1 %", num(s, "audit/accuracy", ".2f", scale=100)],
             ["ECE", num(s, "audit/ece", ".4f")],
             [f"label-noise suspects (p >= {entry.get('label_noise_threshold')}, another class)",
              num(s, "audit/label_noise_count", count=True)],
@@ -36,6 +41,8 @@ def audit(run: RunFiles) -> Section:
             ["STRIP: training rows below the clean threshold %", num(s, "audit/strip_fraction_below", ".2f",
                                                                     scale=100)],
             ["STRIP: expected on clean data %", num(s, "audit/strip_expected_fraction", ".2f", scale=100)],
+            ["STRIP: suspected class (the low-entropy rows' class)",
+             Cell("none" if entry.get("strip_suspected_class") is None else str(entry["strip_suspected_class"]))],
             ["Neural Cleanse: smallest trigger's class", num(s, "audit/min_norm_class", count=True)],
             ["Neural Cleanse: anomaly index of the smallest trigger", num(s, "audit/anomaly_score", ".3f")],
             ["Neural Cleanse: suspected class (index > 2)",
