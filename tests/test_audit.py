@@ -14,8 +14,8 @@ import yaml
 from torch import nn
 
 from kdistill.audit.checks import anomaly_index, strip_entropy, strip_picks
-from kdistill.audit.config import AuditConfig
-from kdistill.audit.teacher import audit_teacher, inheritance
+from kdistill.audit.config import AuditConfig, AuditThresholds
+from kdistill.audit.teacher import audit_table, audit_teacher, backdoor_verdict, inheritance, violations
 from kdistill.cli import main
 from kdistill.data import ArrayDataset, DataBundle
 from kdistill.data.builtin import mnist1d
@@ -140,6 +140,63 @@ def test_inheritance_measures_the_reconstructed_trigger_on_each_model(backdoor):
     assert trig["clean_rate"]["teacher"] < 0.2
 
 
+FASHION = "/usr/share/datasets/fashion-mnist"
+FM_TARGET, FM_POISON = 7, 0.08  # the planted target class; the poisoned fraction of the training rows
+FM_PATCH = (slice(None), slice(None), slice(23, 27), slice(23, 27))  # a 4x4 white square, bottom-right corner
+
+
+@pytest.fixture(scope="module")
+def fashion_backdoor():
+    """Fashion-MNIST (6,000 training rows): 8 % of the rows of other classes get the corner patch and label 7
+    (BadNets-style); a small CNN trained on them, and the same CNN trained on the clean rows; both audited with
+    the default backdoor rule (STRIP) on 512 training rows."""
+    from pathlib import Path
+
+    if not Path(FASHION).is_dir():
+        pytest.skip("needs the Debian package dataset-fashion-mnist (.ci/run installs it)")
+    from kdistill.data.builtin import fashion_mnist
+
+    data = fashion_mnist(train_size=6000)
+    x, y = data.train.tensors["x"].float(), data.train.tensors["y"]
+    others = torch.nonzero(y != FM_TARGET).flatten()
+    picked = others[torch.randperm(len(others), generator=torch.Generator().manual_seed(0))[:int(FM_POISON * len(y))]]
+    xp, yp = x.clone(), y.clone()
+    patched = xp[picked].clone()
+    patched[FM_PATCH] = 1.0
+    xp[picked], yp[picked] = patched, FM_TARGET
+    cnn = lambda: nn.Sequential(nn.Conv2d(1, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU(),  # noqa
+                                nn.Flatten(), nn.Linear(784, 10))
+    trojaned, clean = fit(cnn, xp, yp, 600), fit(cnn, x, y, 600)
+    settings = AuditConfig(cleanse={"steps": 100, "batch": 16}, strip={"rows": 512})
+    poisoned = DataBundle("fashion_mnist-poisoned", ArrayDataset({"x": xp, "y": yp}), data.test, 10, (1, 28, 28))
+    return data, trojaned, audit_teacher(trojaned, poisoned, settings), audit_teacher(clean, data, settings), clean
+
+
+def test_the_audit_flags_a_planted_fashion_mnist_trigger_names_its_class_and_spares_the_clean_teacher(
+        fashion_backdoor):
+    data, trojaned, bad, good, clean = fashion_backdoor
+    x_test, y_test = data.test.tensors["x"].float(), data.test.tensors["y"]
+    triggered = x_test[y_test != FM_TARGET].clone()
+    triggered[FM_PATCH] = 1.0
+    with torch.no_grad():  # the backdoor was planted: the patch sends other classes to the target
+        assert (trojaned(triggered).argmax(-1) == FM_TARGET).float().mean() > 0.9
+        assert (clean(triggered).argmax(-1) == FM_TARGET).float().mean() < 0.1
+    verdict = bad["backdoor"]
+    assert verdict["rule"] == "strip" and verdict["flagged"] and verdict["suspected_class"] == FM_TARGET, verdict
+    assert verdict["strip"]["ratio"] > 5 and bad["neural_cleanse"]["trigger"]["class"] == FM_TARGET
+    assert not good["backdoor"]["flagged"] and good["backdoor"]["suspected_class"] is None, good["backdoor"]
+    assert good["backdoor"]["strip"]["ratio"] < 5
+    assert f"SUSPECTED, target class {FM_TARGET}" in audit_table(bad) and "not flagged" in audit_table(good)
+    # refuse_backdoor turns the verdict into a refusal; the other rules combine the two checks
+    assert [v["threshold"] for v in violations(bad, AuditThresholds(refuse_backdoor=True))] == ["refuse_backdoor"]
+    assert violations(good, AuditThresholds(refuse_backdoor=True)) == []
+    for rule, expect in (("either", verdict["strip"]["flagged"] or verdict["neural_cleanse"]["flagged"]),
+                         ("both", verdict["strip"]["flagged"] and verdict["neural_cleanse"]["flagged"]),
+                         ("neural_cleanse", verdict["neural_cleanse"]["flagged"])):
+        again = backdoor_verdict(bad, AuditConfig(backdoor={"rule": rule}))
+        assert again["flagged"] == expect and again["rule"] == rule
+
+
 def test_label_noise_suspects_are_the_flipped_rows():
     data = blobs(n=800, d=6, classes=3, seed=1)
     x, y = data.tensors["x"], data.tensors["y"].clone()
@@ -243,7 +300,7 @@ def test_kdistill_audit_reuses_the_runs_teacher_and_writes_audit_json(passed, ca
     run_dir, _ = passed
     code, out, err = run_cli(["audit", str(run_dir), "--no-progress", "--set", "audit.cleanse.steps=10"], capsys)
     assert code == 0, err
-    assert "[teacher] done earlier" in out and "held-out top-1" in out and "verdict: passed" in out
+    assert "[teacher] done earlier" in out and "held-out top-1" in out and "thresholds: passed" in out
     record = json.loads((run_dir / "audit.json").read_text())
     assert record["neural_cleanse"]["steps"] == 10 and len(record["test"]["per_class_accuracy"]) == 10
     assert sum(record["test"]["confidence_histogram"]["counts"]) == record["test"]["rows"] == 300

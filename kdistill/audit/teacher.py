@@ -258,5 +258,5 @@ def audit_table(record: dict) -> str:
         lines.append(f"  ensemble        agreement min {100 * min(pairs):.1f} %, mean "
                      f"{100 * sum(pairs) / len(pairs):.1f} % over {len(pairs)} teacher pairs")
     failed = record.get("violations") or []
-    lines.append("verdict: " + ("passed" if not failed else "FAILED: " + "; ".join(v["message"] for v in failed)))
+    lines.append("thresholds: " + ("passed" if not failed else "FAILED: " + "; ".join(v["message"] for v in failed)))
     return "\n".join(lines)
