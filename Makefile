@@ -29,8 +29,10 @@ install-dev: $(VENV)/.installed-dev
 demo: $(VENV)/.installed
 	$(BIN)/kdistill demo --out runs/demo
 
+# two worker processes (pytest-xdist), each test file whole in one worker (its module fixtures built once);
+# the tests run torch at one thread (tests/conftest.py), so the two workers fill two cores
 test: $(VENV)/.installed-dev
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m pytest
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m pytest -n $${TEST_WORKERS:-2} --dist loadfile --durations=15
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/overhead.py --json benchmarks/results/overhead.json
