@@ -180,3 +180,13 @@ def test_docs_quote_the_committed_benchmark():
     assert f"{result['trials']} finished trials, {result['feasible_trials']} feasible" in text
     assert f"trial {result['best_trial']['number']}" in text and result["git_revision"][:7] in text
     assert len(result["seeds"]) >= 3 and result["dataset"] == "fashion_mnist"
+    # the acceptance: 20 trials under the latency limit; the best beats the default and meets the limit
+    assert result["trials"] >= 20 and result["best_top1"]["mean"] > result["default_top1"]["mean"]
+    assert all(result["best_meets_constraint"]) and len(result["best_meets_constraint"]) == len(result["seeds"])
+    readme = " ".join((root / "README.md").read_text().split())
+    meets = sum(result["best_meets_constraint"])
+    assert (f"{result['trials']} trials under a batch-1 latency limit of {result['constraint_latency_ms']} ms found "
+            f"settings that beat the defaults by +{result['best_minus_default_points']:.2f} points "
+            f"({100 * result['best_top1']['mean']:.2f} % vs {100 * result['default_top1']['mean']:.2f} %, "
+            f"{len(result['seeds'])} seeds") in readme
+    assert f"meet the limit in {meets} of {len(result['seeds'])} re-measurements" in readme
