@@ -111,37 +111,59 @@ def test_audit_doc_numbers():
     r = load("audit.json")
     text = " ".join((ROOT / "docs" / "audit.md").read_text().split())
     n, c, d = r["backdoor_seeds"], r["clean_seeds"], r["by_detector"]
-    assert (f"| combined (the rule above) | {r['backdoor_flagged']} of {n} | {r['backdoor_target_correct']} of {n} | "
-            f"{r['clean_false_alarms']} of {c} |") in text
-    for name, label in (("neural_cleanse", "trigger reconstruction alone"), ("strip", "STRIP alone")):
-        assert (f"| {label} | {d[name]['backdoor_flagged']} of {n} | {d[name]['backdoor_target_correct']} of {n} | "
-                f"{d[name]['clean_false_alarms']} of {c} |") in text
+    labels = {"strip": "strip (the default verdict)", "neural_cleanse": "neural_cleanse", "either": "either",
+              "both": "both"}
+    for rule, label in labels.items():
+        b = r["by_rule"][rule]
+        assert f"| {label} | {b['backdoor_flagged']} of {n} | {b['clean_false_alarms']} of {c} |" in text, rule
+    assert r["settings"]["audit"]["backdoor"]["rule"] == "strip"
+    assert (r["backdoor_flagged"], r["clean_false_alarms"]) == (r["by_rule"]["strip"]["backdoor_flagged"],
+                                                               r["by_rule"]["strip"]["clean_false_alarms"])
+    assert (f"The verdict named the planted target for {r['backdoor_target_correct']} of {n} backdoored teachers "
+            f"(STRIP's class; the trigger reconstruction alone named it for "
+            f"{d['neural_cleanse']['backdoor_target_correct']} of {n})") in text
+    show = lambda v: "none" if v is None else str(v)  # noqa: E731
+    verdict = lambda a: f"class {a['suspected_class']}" if a["flagged"] else "not flagged"  # noqa: E731
     for b in r["backdoor"]:
+        a = b["audit"]
         assert (f"| {b['seed']} | {b['target']} | {100 * b['teacher_top1']:.1f} % | "
-                f"{100 * b['audit']['strip_fraction_below']:.1f} % | {b['audit']['strip_suspected_class']} | "
-                f"{b['audit']['anomaly_score']:.2f} |") in text
-        assert (f"| {100 * b['teacher_attack_success']:.1f} % | {100 * b['student_attack_success']:.1f} % | "
-                f"{100 * b['student_clean_data_attack_success']:.1f} % |") in text
+                f"{100 * a['strip_fraction_below']:.1f} % | {show(a['strip_suspected_class'])} | "
+                f"{a['anomaly_score']:.2f} | {a['min_norm_class']} | {show(a['neural_cleanse_suspected_class'])} | "
+                f"{verdict(a)} | {100 * b['teacher_attack_success']:.1f} % | {100 * b['student_attack_success']:.1f} % | "
+                f"{100 * b['student_clean_data_attack_success']:.1f} % |") in text, b["seed"]
     for cl in r["clean"]:
-        audit = cl["audit"]
-        assert (f"| {cl['seed']} | {100 * cl['teacher_top1']:.1f} % | {100 * audit['strip_fraction_below']:.1f} % "
-                f"| {audit['anomaly_score']:.2f} |") in text
+        a = cl["audit"]
+        assert (f"| {cl['seed']} | {100 * cl['teacher_top1']:.1f} % | {100 * a['strip_fraction_below']:.1f} % | "
+                f"{a['anomaly_score']:.2f} | {a['min_norm_class']} | {show(a['neural_cleanse_suspected_class'])} | "
+                f"{verdict(a)} |") in text, cl["seed"]
     assert (f"sends {100 * r['student_attack_success']:.1f} % (std {100 * r['student_attack_success_std']:.1f})"
             in text)
     assert f"it does not**: {100 * r['student_clean_data_attack_success']:.1f} %" in text
+    clean_student = sum(b["student_clean_data_reconstructed_trigger_success"] for b in r["backdoor"]) / n
+    assert (f"{100 * r['teacher_reconstructed_trigger_success']:.1f} % (std "
+            f"{100 * r['teacher_reconstructed_trigger_success_std']:.1f}) of those rows to it on the teacher, "
+            f"{100 * r['student_reconstructed_trigger_success']:.1f} % (std "
+            f"{100 * r['student_reconstructed_trigger_success_std']:.1f}) on the poisoned-data student and "
+            f"{100 * clean_student:.1f} % on average on the clean-data student") in text
     # the keys are there; the verdicts stated in the prose hold
     assert {"backdoor_flagged", "backdoor_target_correct", "clean_false_alarms", "clean_seeds",
             "student_attack_success"} <= set(r)
-    assert d["strip"]["backdoor_target_correct"] == n and d["strip"]["clean_false_alarms"] == 0
+    assert r["backdoor_flagged"] == r["backdoor_target_correct"] == n and r["clean_false_alarms"] == 0 and c == 5
     assert d["neural_cleanse"]["clean_false_alarms"] == c and all(cl["audit"]["min_norm_class"] == 8
                                                                   for cl in r["clean"])
+    assert r["by_rule"]["both"]["clean_false_alarms"] == 0 and r["by_rule"]["either"]["clean_false_alarms"] == c
+    below = [100 * b["audit"]["strip_fraction_below"] for b in r["backdoor"]]
+    clean_below = [100 * cl["audit"]["strip_fraction_below"] for cl in r["clean"]]
+    assert (f"STRIP at {min(below):.1f}-{max(below):.1f} % of the examined rows below the threshold against "
+            f"{min(clean_below):.1f}-{max(clean_below):.1f} % on clean teachers") in text
 
 
 def test_readme_audit_sentence():
     r = load("audit.json")
     text = " ".join((ROOT / "README.md").read_text().split())
-    strip = r["by_detector"]["strip"]
-    assert (f"STRIP found all {strip['backdoor_target_correct']} and their targets with no false alarm on "
-            f"{r['clean_seeds']} clean teachers") in text and strip["backdoor_target_correct"] == r["backdoor_seeds"]
-    assert strip["clean_false_alarms"] == 0
-    assert f"false alarm on all {r['by_detector']['neural_cleanse']['clean_false_alarms']} clean teachers" in text
+    assert (f"the audit's backdoor verdict (STRIP by default) flagged all {r['backdoor_flagged']} and named their "
+            f"targets with no false alarm on {r['clean_seeds']} clean teachers") in text
+    assert r["backdoor_flagged"] == r["backdoor_target_correct"] == r["backdoor_seeds"]
+    assert r["clean_false_alarms"] == 0
+    assert (f"the trigger reconstruction alone raised a false alarm on all "
+            f"{r['by_detector']['neural_cleanse']['clean_false_alarms']} clean teachers") in text
