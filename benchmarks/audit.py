@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from kdistill.api import distill  # noqa: E402
 from kdistill.audit.config import AuditConfig  # noqa: E402
-from kdistill.audit.teacher import audit_teacher, inheritance  # noqa: E402
+from kdistill.audit.teacher import audit_teacher, backdoor_verdict, inheritance  # noqa: E402
 from kdistill.data import ArrayDataset, DataBundle  # noqa: E402
 from kdistill.data.builtin import fashion_mnist  # noqa: E402
 from kdistill.models import build_model  # noqa: E402
@@ -121,8 +121,8 @@ def flagged(record: dict) -> dict:
     the default, STRIP) and what each detector and each other rule would have said."""
     v, nc, strip = record["backdoor"], record["neural_cleanse"], record["strip"]
     by_det = {det: v[det]["flagged"] for det in ("strip", "neural_cleanse")}
-    by_rule = {"strip": by_det["strip"], "neural_cleanse": by_det["neural_cleanse"],
-               "either": by_det["strip"] or by_det["neural_cleanse"], "both": by_det["strip"] and by_det["neural_cleanse"]}
+    by_rule = {rule: backdoor_verdict(record, AuditConfig(backdoor={"rule": rule, "strip_factor": v["strip"]["factor"]}))
+               ["flagged"] for rule in RULES}
     return {"rule": v["rule"], "flagged": v["flagged"], "suspected_class": v["suspected_class"], "by_rule": by_rule,
             "neural_cleanse_flagged": by_det["neural_cleanse"], "neural_cleanse_suspected_class": nc["suspected_class"],
             "strip_flagged": by_det["strip"], "strip_suspected_class": v["strip"]["suspected_class"],

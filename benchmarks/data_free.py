@@ -48,16 +48,7 @@ SHAPE = (1, 28, 28)
 
 
 def settings(quick: bool) -> dict:
-    if quick:
-        return {"seeds": 2, "teacher_channels": [16, 32, 64], "student_channels": [8, 16, 32], "teacher_steps": 100,
-                "student_steps": 30, "batch_size": 128, "lr": 1e-2, "student_augment": {"max_shift": 2, "flip": True},
-                "deepinversion": {"batches": 2, "batch_size": 64, "steps": 10, "lr": 0.1, "bn_weight": 10.0,
-                                  "first_bn_weight": 10.0},
-                "dfad": {"iterations": 4, "student_steps": 5, "batch_size": 32, "width": 16, "bn_weight": 1.0},
-                "adversarial": {"subset": 500, "steps": 20, "disc_weight": 0.3,
-                                "boundary": {"fraction": 0.5, "steps": 2}},
-                "test_size": 1000}
-    return {"seeds": 3, "teacher_channels": [16, 32, 64], "student_channels": [16, 32, 64], "teacher_steps": 1000,
+    full = {"seeds": 3, "teacher_channels": [16, 32, 64], "student_channels": [16, 32, 64], "teacher_steps": 1000,
             "student_steps": 1500, "batch_size": 128, "lr": 1e-2, "student_augment": {"max_shift": 2, "flip": True},
             "deepinversion": {"batches": 20, "batch_size": 128, "steps": 80, "lr": 0.15, "bn_weight": 10.0,
                               "first_bn_weight": 10.0},
@@ -65,6 +56,12 @@ def settings(quick: bool) -> dict:
             "adversarial": {"subset": 1000, "steps": 250, "disc_weight": 0.3,
                             "boundary": {"fraction": 0.5, "steps": 2}},
             "test_size": None}
+    if not quick:
+        return full
+    return {**full, "seeds": 2, "student_channels": [8, 16, 32], "teacher_steps": 100, "student_steps": 30,
+            "deepinversion": {**full["deepinversion"], "batches": 2, "batch_size": 64, "steps": 10, "lr": 0.1},
+            "dfad": {**full["dfad"], "iterations": 4, "batch_size": 32},
+            "adversarial": {**full["adversarial"], "subset": 500, "steps": 20}, "test_size": 1000}
 
 
 def train_cfg(steps: int, s: dict) -> TrainConfig:

@@ -84,12 +84,11 @@ def backdoor_verdict(record: dict, settings: AuditConfig) -> dict:
     below = [r["teacher_class"] for r in strip["lowest"] if r["entropy_bits"] < strip["threshold_bits"]]
     strip_class = max(sorted(set(below)), key=below.count) if strip_flag and below else None
     nc_flag = nc["suspected_class"] is not None
-    flags = {"strip": strip_flag, "neural_cleanse": nc_flag}
     flagged = {"strip": strip_flag, "neural_cleanse": nc_flag, "either": strip_flag or nc_flag,
                "both": strip_flag and nc_flag}[b.rule]
-    by_rule = strip_class if b.rule != "neural_cleanse" and strip_flag else nc["suspected_class"]
-    return {"rule": b.rule, "flagged": flagged, "suspected_class": by_rule if flagged else None,
-            "strip": {"flagged": flags["strip"], "suspected_class": strip_class,
+    named = strip_class if b.rule != "neural_cleanse" and strip_flag else nc["suspected_class"]
+    return {"rule": b.rule, "flagged": flagged, "suspected_class": named if flagged else None,
+            "strip": {"flagged": strip_flag, "suspected_class": strip_class,
                       "factor": b.strip_factor, "ratio": strip["fraction_below"] / strip["expected_fraction"]},
             "neural_cleanse": {"flagged": nc_flag, "suspected_class": nc["suspected_class"], "score": nc["score"]}}
 
